@@ -1,0 +1,131 @@
+"""The ``memaudit`` command. ``main(argv)`` is callable from tests and returns the exit code.
+
+Exit codes: 0 done; 1 a failure the run could not recover from (finished shards are kept, re-run
+to resume); 2 bad input (one line on stderr says what and where); 3 the run finished but some
+samples have status ``error`` (re-run with ``--retry-failed``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from audit import __version__
+from audit.config import dump_config, load_config
+from audit.errors import MemauditError
+
+log = logging.getLogger("audit")
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_PARTIAL = 0, 1, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memaudit", description="Audit text-to-image diffusion models for training-data memorization."
+    )
+    parser.add_argument("--version", action="version", version=f"memaudit {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("config", nargs="?", type=Path, help="YAML config (default: the built-in default audit)")
+        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config key, e.g. --set generation.steps=25 (repeatable)")
+
+    run = commands.add_parser("run", help="run (or resume) an audit")
+    with_config(run)
+    run.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--retry-failed", action="store_true", help="also redo samples whose status is an error")
+
+    show = commands.add_parser("config", help="validate a config and print it with every default")
+    with_config(show)
+
+    testbed = commands.add_parser("testbed", help="build checkpoints for tests and benchmarks")
+    testbed.add_argument("action", choices=["build"], help="build a pipeline and save it (safetensors)")
+    testbed.add_argument("out", type=Path, help="output folder")
+    testbed.add_argument("--arch", choices=["tiny", "sd15"], default="tiny",
+                         help="tiny (tests) or sd15 (full SD1.5 architecture, random weights)")
+    testbed.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("diffusers", "transformers", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        if args.command == "config":
+            print(dump_config(load_config(args.config, args.overrides)), end="")
+            return EXIT_OK
+        if args.command == "testbed":
+            return _testbed(args)
+        return _run(args)
+    except MemauditError as exc:
+        print(f"memaudit: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("memaudit: interrupted; finished shards are kept, run again to resume", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as exc:  # noqa: BLE001 - report, keep finished work, exit non-zero
+        log.exception("failed")
+        print(f"memaudit: failed: {type(exc).__name__}: {exc}; finished shards are kept, "
+              "run again to resume", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _testbed(args: argparse.Namespace) -> int:
+    from audit.testbed.architectures import ARCHITECTURES, build_pipeline, save_pipeline
+
+    if args.out.exists() and any(args.out.iterdir()):
+        raise MemauditError(f"{args.out}: folder exists and is not empty; choose a new folder")
+    save_pipeline(build_pipeline(ARCHITECTURES[args.arch], seed=args.seed), args.out)
+    print(args.out)
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from audit.pipeline import run_audit  # imports Ray and torch: only when running
+
+    result = run_audit(cfg, address=args.address, retry_failed=args.retry_failed)
+    report = result.generation
+    print(f"run: {result.run_path}")
+    print(
+        f"samples: {report.samples_written} written this time ({report.shards_written} shards), "
+        f"{report.shards_skipped} of {report.shards_total} shards already complete"
+        + (f", {report.images_per_second:.2f} images/s" if report.samples_written else "")
+    )
+    totals = _totals(result.run_path, report.shards_total)
+    print(f"status: {totals.get('ok', 0)} ok, {totals.get('error', 0)} error "
+          f"in {totals['complete_shards']} of {report.shards_total} complete shards")
+    if report.shards_failed:
+        first = next(iter(report.shards_failed.items()))
+        print(f"memaudit: {len(report.shards_failed)} shards failed (e.g. {first[0]}: {first[1]}); "
+              "run again to retry them", file=sys.stderr)
+        return EXIT_FAILURE
+    if totals.get("error", 0):
+        print(f"memaudit: {totals['error']} samples failed ({'; '.join(report.first_errors) or 'see samples.error'}); "
+              "re-run with --retry-failed", file=sys.stderr)
+        return EXIT_PARTIAL
+    return EXIT_OK
+
+
+def _totals(run_path: Path, n_shards: int) -> dict[str, int]:
+    from audit.ids import shard_name
+    from audit.store import RunStore
+
+    names = [shard_name(i, n_shards) for i in range(n_shards)]
+    return RunStore(run_path).status_totals("samples", names)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Generation: many seeded samples per prompt from a diffusers text-to-image pipeline."""

@@ -1,0 +1,241 @@
+"""Finding, checking and loading a diffusers text-to-image checkpoint.
+
+A checkpoint is a diffusers pipeline folder (``model_index.json`` plus one folder per
+component), a Hugging Face Hub id, or ``builtin:<name>``. Only safetensors weights load unless the
+config opts in to pickle-based ones, because unpickling a checkpoint can run arbitrary code.
+Everything that can be checked without loading weights is checked here, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from audit.config import GenerationSection, ModelSection
+from audit.errors import InputError
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A checkpoint located on this machine."""
+
+    ref: str  # as configured: folder, hub id or builtin:<name>
+    folder: Path  # the diffusers folder on this machine
+    kind: str  # "local", "hub" or "builtin"
+
+    @property
+    def default_name(self) -> str:
+        if self.kind == "hub":
+            return self.ref.replace("/", "--")
+        if self.kind == "builtin":
+            return self.ref.replace(":", "-")
+        return re.sub(r"[^A-Za-z0-9._-]", "_", self.folder.name) or "model"
+
+
+@dataclass(frozen=True)
+class PipelineInfo:
+    """What the driver needs to know about a pipeline without loading its weights."""
+
+    class_name: str
+    components: tuple[str, ...]
+    scheduler_class: str
+    compatible_schedulers: tuple[str, ...]
+    vae_scale_factor: int | None
+    default_size: int | None
+
+
+def resolve_model(section: ModelSection) -> ResolvedModel:
+    """Locate the configured checkpoint, building a built-in one or downloading a hub one."""
+    ref = section.path
+    if ref.startswith("builtin:"):
+        from audit.testbed.builtin import builtin_checkpoint
+
+        return ResolvedModel(ref, builtin_checkpoint(ref.removeprefix("builtin:")), "builtin")
+    path = Path(ref).expanduser()
+    if path.exists():
+        if path.is_file():
+            raise InputError(
+                f"model.path: {path} is a file; give a diffusers pipeline folder "
+                "(one holding model_index.json)"
+            )
+        if not (path / "model_index.json").is_file():
+            raise InputError(
+                f"model.path: {path} has no model_index.json, so it is not a diffusers pipeline "
+                "folder (save one with pipeline.save_pretrained)"
+            )
+        return ResolvedModel(ref, path.resolve(), "local")
+    if not _HUB_ID.match(ref):
+        raise InputError(f"model.path: directory {path} does not exist")
+    return ResolvedModel(ref, _download(ref, section), "hub")
+
+
+def _download(repo_id: str, section: ModelSection) -> Path:
+    from diffusers import DiffusionPipeline
+
+    try:
+        folder = DiffusionPipeline.download(
+            repo_id,
+            revision=section.revision,
+            use_safetensors=None if section.allow_pickle else True,
+        )
+    except Exception as exc:  # noqa: BLE001 - the hub client raises many types; all mean "unreachable"
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"model.path: {repo_id!r} is not a local directory and could not be fetched as a "
+            f"Hugging Face Hub id ({first_line})"
+        ) from None
+    return Path(folder)
+
+
+def component_folders(folder: Path) -> dict[str, Path]:
+    """Component name -> folder, for the components model_index.json lists."""
+    index = json.loads((folder / "model_index.json").read_text())
+    return {
+        name: folder / name
+        for name, value in index.items()
+        if not name.startswith("_") and isinstance(value, list) and value[0] is not None
+        and (folder / name).is_dir()
+    }
+
+
+def check_weight_format(folder: Path, allow_pickle: bool) -> None:
+    """Refuse components whose weights exist only in a pickle-based format."""
+    if allow_pickle:
+        return
+    for name, component in component_folders(folder).items():
+        files = [f for f in component.iterdir() if f.is_file()]
+        pickled = sorted(f.name for f in files if f.suffix in PICKLE_SUFFIXES)
+        has_safetensors = any(f.suffix == ".safetensors" for f in files)
+        if pickled and not has_safetensors:
+            raise InputError(
+                f"model.path: component {name!r} of {folder} has only pickle-based weights "
+                f"({', '.join(pickled)}), which can run code when loaded; convert them to "
+                "safetensors, or set model.allow_pickle: true if you trust the source"
+            )
+
+
+def checkpoint_digest(folder: Path) -> dict[str, Any]:
+    """Content hash of a pipeline folder: every file's relative path and bytes, in path order."""
+    digest = hashlib.sha256()
+    n_files = n_bytes = 0
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder).as_posix()
+        if any(part.startswith(".") for part in relative.split("/")):
+            continue
+        file_digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(8 * 2**20), b""):
+                file_digest.update(block)
+                n_bytes += len(block)
+        digest.update(f"{relative}\0{file_digest.hexdigest()}\n".encode())
+        n_files += 1
+    return {"sha256": digest.hexdigest(), "files": n_files, "bytes": n_bytes}
+
+
+def inspect_pipeline(folder: Path) -> PipelineInfo:
+    """Read a pipeline folder's configs (no weights)."""
+    import diffusers
+
+    index = json.loads((folder / "model_index.json").read_text())
+    components = tuple(component_folders(folder))
+    scheduler_class = (index.get("scheduler") or [None, ""])[1] or ""
+    compatible: tuple[str, ...] = ()
+    scheduler_cls = getattr(diffusers, scheduler_class, None)
+    if scheduler_cls is not None:
+        names = {scheduler_class, *getattr(scheduler_cls, "_compatibles", [])}
+        compatible = tuple(sorted(n for n in names if hasattr(diffusers, n)))
+    vae_scale = default_size = None
+    vae_config = folder / "vae" / "config.json"
+    if vae_config.is_file():
+        vae_scale = 2 ** (len(json.loads(vae_config.read_text()).get("block_out_channels", [0])) - 1)
+    unet_config = folder / "unet" / "config.json"
+    if unet_config.is_file() and vae_scale:
+        sample_size = json.loads(unet_config.read_text()).get("sample_size")
+        if isinstance(sample_size, int):
+            default_size = sample_size * vae_scale
+    return PipelineInfo(
+        class_name=str(index.get("_class_name", "")),
+        components=components,
+        scheduler_class=scheduler_class,
+        compatible_schedulers=compatible,
+        vae_scale_factor=vae_scale,
+        default_size=default_size,
+    )
+
+
+def preflight(section: ModelSection, generation: GenerationSection) -> tuple[ResolvedModel, PipelineInfo]:
+    """Every check that needs no weights: location, weight format, scheduler, resolution."""
+    resolved = resolve_model(section)
+    check_weight_format(resolved.folder, section.allow_pickle)
+    info = inspect_pipeline(resolved.folder)
+    if section.scheduler is not None and section.scheduler not in info.compatible_schedulers:
+        raise InputError(
+            f"model.scheduler: {section.scheduler!r} is not a scheduler {info.class_name} can use; "
+            f"allowed values: {', '.join(info.compatible_schedulers) or 'none found'}"
+        )
+    multiple = info.vae_scale_factor or 8
+    for key in ("height", "width"):
+        value = getattr(generation, key)
+        if value is not None and value % multiple:
+            raise InputError(
+                f"generation.{key}: {value} is not a multiple of {multiple} "
+                f"(the VAE's downsampling factor of {resolved.ref})"
+            )
+    return resolved, info
+
+
+def load_pipeline(section: ModelSection, folder: Path, device: str, dtype: str) -> Any:
+    """``DiffusionPipeline.from_pretrained`` with the configured dtype, device and scheduler."""
+    import diffusers
+    import torch
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    kwargs: dict[str, Any] = {
+        "dtype": getattr(torch, dtype),
+        "use_safetensors": None if section.allow_pickle else True,
+    }
+    if not section.safety_checker and "safety_checker" in component_folders(folder):
+        kwargs["safety_checker"] = None
+        kwargs["requires_safety_checker"] = False
+    pipe = diffusers.DiffusionPipeline.from_pretrained(folder, **kwargs)
+    if section.scheduler is not None:
+        pipe.scheduler = getattr(diffusers, section.scheduler).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to(device)
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if section.channels_last and denoiser is not None:
+        denoiser.to(memory_format=torch.channels_last)
+    if section.compile and denoiser is not None:
+        compiled = torch.compile(denoiser)
+        setattr(pipe, "unet" if getattr(pipe, "unet", None) is not None else "transformer", compiled)
+    return pipe
+
+
+def resolve_numerics(section: ModelSection, has_cuda: bool) -> tuple[str, str]:
+    """Device and dtype after resolving ``auto``: bfloat16 on CUDA, float32 elsewhere."""
+    device = section.device
+    if device == "auto":
+        device = "cuda" if has_cuda else "cpu"
+    elif device.startswith("cuda") and not has_cuda:
+        raise InputError(
+            f"model.device: {device!r} but no GPU is available to the workers; "
+            "use device: auto or cpu, or join a cluster with GPUs (--address)"
+        )
+    dtype = section.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype == "float16" and device == "cpu":
+        raise InputError("model.dtype: float16 is not supported on CPU; use float32 or bfloat16")
+    return device, dtype

@@ -1,0 +1,49 @@
+"""Stable identifiers and seeds (DESIGN §3).
+
+A prompt's id is a hash of its normalised text, a sample's id is ``{prompt_id}-{sample_idx:05d}``,
+and a sample's seed is derived from (run seed, prompt_id, sample_idx) alone. Nothing here depends
+on batch position, worker or cluster shape, so a sample is reproducible anywhere and a resumed run
+regenerates the same samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+
+PROMPT_ID_HEX = 16
+MAX_SAMPLES_PER_PROMPT = 100_000  # sample_idx is written with five digits
+_WHITESPACE = re.compile(r"\s+")
+
+
+def normalize_prompt(text: str) -> str:
+    """Unicode NFC, whitespace runs collapsed to one space, ends stripped. Case is kept:
+    text encoders such as T5 are case-sensitive."""
+    return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).strip()
+
+
+def prompt_id(text: str) -> str:
+    """Hex id of a prompt: the first 64 bits of SHA-256 of its normalised UTF-8 text."""
+    digest = hashlib.sha256(normalize_prompt(text).encode("utf-8")).hexdigest()
+    return digest[:PROMPT_ID_HEX]
+
+
+def sample_id(pid: str, sample_idx: int) -> str:
+    """Id of the ``sample_idx``-th sample of a prompt; sorts in sample order within a prompt."""
+    if not 0 <= sample_idx < MAX_SAMPLES_PER_PROMPT:
+        raise ValueError(f"sample_idx {sample_idx} outside [0, {MAX_SAMPLES_PER_PROMPT})")
+    return f"{pid}-{sample_idx:05d}"
+
+
+def sample_seed(run_seed: int, pid: str, sample_idx: int) -> int:
+    """Seed of one sample, a non-negative 63-bit integer (fits int64 columns and
+    ``torch.Generator.manual_seed``)."""
+    material = f"memaudit-sample-seed:{run_seed}:{pid}:{sample_idx}".encode()
+    return int.from_bytes(hashlib.sha256(material).digest()[:8], "big") >> 1
+
+
+def shard_name(index: int, n_shards: int) -> str:
+    """Zero-padded shard name (``shard-00042``); at least five digits, more when needed."""
+    width = max(5, len(str(max(n_shards - 1, 0))))
+    return f"shard-{index:0{width}d}"

@@ -1,0 +1,119 @@
+"""Deterministic planning: distinct prompts in source order, cut into zero-padded shards.
+
+The plan depends only on the prompt source and ``prompts_per_shard``; a shard's sample rows
+depend only on the plan, ``samples_per_prompt`` and the run seed. Workers, batch sizes and cluster
+shape never enter, so every planned ``sample_id`` exists exactly once and resumes line up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from audit import ids, schema
+from audit.errors import InputError
+from audit.prompts import RawPrompts
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One unit of work and of resume."""
+
+    index: int
+    name: str
+    prompt_ids: tuple[str, ...]
+    prompts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """The planned prompts (the ``prompts/`` table) and their shards."""
+
+    table: pa.Table
+    prompts_per_shard: int
+    duplicates: int
+    skipped_blank: int
+
+    @property
+    def n_prompts(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_prompts // self.prompts_per_shard)
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the planned prompt ids, in order."""
+        joined = "\n".join(self.table.column("prompt_id").to_pylist())
+        return hashlib.sha256(joined.encode()).hexdigest()
+
+    def shards(self) -> list[ShardSpec]:
+        pids = self.table.column("prompt_id").to_pylist()
+        texts = self.table.column("prompt").to_pylist()
+        step = self.prompts_per_shard
+        return [
+            ShardSpec(
+                index=i,
+                name=ids.shard_name(i, self.n_shards),
+                prompt_ids=tuple(pids[i * step : (i + 1) * step]),
+                prompts=tuple(texts[i * step : (i + 1) * step]),
+            )
+            for i in range(self.n_shards)
+        ]
+
+
+def plan_prompts(raw: RawPrompts, prompts_per_shard: int, limit: int | None = None) -> PromptPlan:
+    """De-duplicate prompts by id (first occurrence wins, occurrences counted) and shard them."""
+    first: dict[str, int] = {}
+    texts: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    for position, text in enumerate(raw.prompts):
+        normalized = ids.normalize_prompt(text)
+        pid = ids.prompt_id(normalized)
+        if pid in first:
+            if texts[pid] != normalized:
+                raise InputError(
+                    f"{raw.source}: prompts {texts[pid]!r} and {normalized!r} share id {pid} "
+                    "(hash collision); remove one of them"
+                )
+            counts[pid] += 1
+            continue
+        first[pid], texts[pid], counts[pid] = position, normalized, 1
+    chosen = list(first)[:limit] if limit else list(first)
+    positions = [first[pid] for pid in chosen]
+    columns = {
+        "prompt_id": chosen,
+        "prompt": [texts[pid] for pid in chosen],
+        "shard": [i // prompts_per_shard for i in range(len(chosen))],
+        "source_row": [raw.source_rows[p] for p in positions],
+        "n_occurrences": [counts[pid] for pid in chosen],
+    }
+    for column in ("key", "url"):
+        values = raw.carried.get(column)
+        columns[column] = [values[p] for p in positions] if values else [None] * len(chosen)
+    table = pa.Table.from_pydict(columns, schema=schema.PROMPTS)
+    return PromptPlan(
+        table=table,
+        prompts_per_shard=prompts_per_shard,
+        duplicates=len(raw.prompts) - len(first),
+        skipped_blank=raw.skipped_blank,
+    )
+
+
+def shard_samples(shard: ShardSpec, samples_per_prompt: int, run_seed: int) -> dict[str, np.ndarray]:
+    """The sample rows of a shard, prompt by prompt, sample by sample."""
+    pids = np.repeat(np.array(shard.prompt_ids, dtype=object), samples_per_prompt)
+    idx = np.tile(np.arange(samples_per_prompt, dtype=np.int32), len(shard.prompt_ids))
+    return {
+        "prompt_id": pids,
+        "prompt": np.repeat(np.array(shard.prompts, dtype=object), samples_per_prompt),
+        "sample_idx": idx,
+        "sample_id": np.array([ids.sample_id(p, int(i)) for p, i in zip(pids, idx)], dtype=object),
+        "seed": np.array(
+            [ids.sample_seed(run_seed, p, int(i)) for p, i in zip(pids, idx)], dtype=np.int64
+        ),
+    }

@@ -1,0 +1,150 @@
+"""Preparing a run (Ray-free): check inputs, plan prompts, open or create the run folder.
+
+Everything that can fail because of the user's input fails here, in seconds, before a cluster is
+touched. A run's identity is the hash of what determines its samples; running the same config
+again opens the same folder and resumes it, and a folder created with different settings is
+never mixed with new ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from audit import provenance
+from audit.config import AuditConfig, fingerprint
+from audit.errors import InputError
+from audit.generate.loading import (
+    PipelineInfo,
+    ResolvedModel,
+    checkpoint_digest,
+    preflight,
+    resolve_numerics,
+)
+from audit.plan import PromptPlan, plan_prompts
+from audit.prompts import read_prompts
+from audit.store import RunStore, run_dir
+
+log = logging.getLogger(__name__)
+RUN_FORMAT = 1
+PROMPTS_FILE = "prompts.parquet"
+
+
+@dataclass(frozen=True)
+class PreparedInputs:
+    """Checked inputs of a run."""
+
+    cfg: AuditConfig
+    model: ResolvedModel
+    pipeline: PipelineInfo
+    checkpoint: dict[str, Any]
+    plan: PromptPlan
+
+
+def prepare_inputs(cfg: AuditConfig) -> PreparedInputs:
+    """Check the checkpoint and the prompts, hash the checkpoint, plan the shards."""
+    if cfg.model.device != "auto":
+        resolve_numerics(cfg.model, has_cuda=True)  # device/dtype clashes, before any cluster
+    model, info = preflight(cfg.model, cfg.generation)
+    raw = read_prompts(cfg.prompts)
+    plan = plan_prompts(raw, cfg.generation.prompts_per_shard, cfg.prompts.limit)
+    log.info(
+        "%d distinct prompts (%d duplicates merged, %d blank skipped) in %d shards",
+        plan.n_prompts, plan.duplicates, plan.skipped_blank, plan.n_shards,
+    )
+    log.info("hashing checkpoint %s", model.folder)
+    return PreparedInputs(cfg, model, info, checkpoint_digest(model.folder), plan)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def open_run(inputs: PreparedInputs, device_type: str, dtype: str) -> RunStore:
+    """Create the run folder (prompts table, then run.json) or reopen a matching one."""
+    cfg = inputs.cfg
+    identity = cfg.result_identity(inputs.checkpoint["sha256"], inputs.plan.sha256, device_type, dtype)
+    digest = fingerprint(identity)
+    model_name = cfg.run.model_name or inputs.model.default_name
+    checkpoint_id = cfg.run.checkpoint_id or inputs.checkpoint["sha256"][:12]
+    run_id = cfg.run.run_id or digest[:12]
+    store = RunStore(run_dir(cfg.run.root, model_name, checkpoint_id, run_id))
+    existing = store.read_json()
+    if existing is not None:
+        _check_same_run(store, existing, identity, digest)
+    if not (store.table_dir("prompts") / PROMPTS_FILE).exists():
+        store.write_table("prompts", PROMPTS_FILE, inputs.plan.table)
+    if existing is None:
+        store.write_json(_run_json(inputs, identity, digest, model_name, checkpoint_id, run_id))
+        log.info("new run %s", store.path)
+    else:
+        log.info("resuming run %s", store.path)
+    return store
+
+
+def _check_same_run(store: RunStore, existing: dict[str, Any], identity: dict[str, Any], digest: str) -> None:
+    if existing.get("fingerprint") == digest:
+        before = existing.get("environment", {}).get("packages", {})
+        now = provenance.package_versions()
+        changed = [f"{k} {before.get(k)} -> {v}" for k, v in now.items() if before.get(k) != v]
+        if changed:
+            log.warning("resuming with other package versions than the run started with: %s", ", ".join(changed))
+        return
+    old, new = _flatten(existing.get("identity", {})), _flatten(identity)
+    differences = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    raise InputError(
+        f"{store.path}: this run was made with other settings ({'; '.join(differences) or 'unknown'}); "
+        "set another run.run_id, or delete the run folder to start it again"
+    )
+
+
+def _run_json(
+    inputs: PreparedInputs,
+    identity: dict[str, Any],
+    digest: str,
+    model_name: str,
+    checkpoint_id: str,
+    run_id: str,
+) -> dict[str, Any]:
+    plan, cfg = inputs.plan, inputs.cfg
+    return {
+        "format": RUN_FORMAT,
+        "run_id": run_id,
+        "model_name": model_name,
+        "checkpoint_id": checkpoint_id,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "fingerprint": digest,
+        "identity": identity,
+        "config": cfg.to_dict(),
+        # Not "checkpoint": readers that detect hive partitions (DuckDB) add model, checkpoint
+        # and run columns from the path, which would shadow a key of the same name.
+        "pipeline": {
+            "ref": inputs.model.ref,
+            "kind": inputs.model.kind,
+            "folder": str(inputs.model.folder),
+            "pipeline_class": inputs.pipeline.class_name,
+            "scheduler": cfg.model.scheduler or inputs.pipeline.scheduler_class,
+            "content_sha256": inputs.checkpoint["sha256"],
+            "files": inputs.checkpoint["files"],
+            "bytes": inputs.checkpoint["bytes"],
+        },
+        "prompts": {
+            "source": cfg.prompts.source,
+            "n_prompts": plan.n_prompts,
+            "duplicates_merged": plan.duplicates,
+            "blank_skipped": plan.skipped_blank,
+            "prompts_sha256": plan.sha256,
+            "n_shards": plan.n_shards,
+            "samples_per_prompt": cfg.generation.samples_per_prompt,
+            "n_samples": plan.n_prompts * cfg.generation.samples_per_prompt,
+        },
+        "environment": provenance.environment(),
+    }

@@ -1,0 +1,41 @@
+"""Arrow schemas of the run's tables (documented column by column in docs/schema.md)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+PROMPTS = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("shard", pa.int32(), nullable=False),
+        pa.field("source_row", pa.int64(), nullable=False),
+        pa.field("n_occurrences", pa.int32(), nullable=False),
+        pa.field("key", pa.string()),
+        pa.field("url", pa.string()),
+    ]
+)
+
+SAMPLES = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("sample_idx", pa.int32(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("image_png", pa.binary()),
+        pa.field("thumb_png", pa.binary()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("noise_magnitude", pa.float32()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+    ]
+)
+
+# PNG bytes are already compressed: compressing them again costs CPU and saves nothing.
+SAMPLES_COMPRESSION = {
+    name: ("none" if name in {"image_png", "thumb_png"} else "zstd") for name in SAMPLES.names
+}

@@ -1,0 +1,266 @@
+"""The run folder: layout, atomic writes and completion markers (DESIGN §3).
+
+``<root>/model=<name>/checkpoint=<id>/run=<run_id>/`` holds ``run.json`` and one folder per table.
+A shard is written to a hidden temporary file, fsync'ed, renamed into place, and only then is its
+completion marker (``<table>/_markers/<shard>.json``) written. A shard counts as complete when its
+marker exists and the file on disk has the size the marker recorded; anything else is redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+RUN_JSON = "run.json"
+MARKERS = "_markers"
+TMP_TAG = ".tmp-"
+ROW_GROUP_BYTES = 128 * 2**20
+
+
+def run_dir(root: str | Path, model_name: str, checkpoint_id: str, run_id: str) -> Path:
+    """Hive-style run folder, so DuckDB/Polars can glob many runs and get the keys as columns."""
+    return Path(root) / f"model={model_name}" / f"checkpoint={checkpoint_id}" / f"run={run_id}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}{TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def write_bytes_atomic(final: Path, data: bytes) -> None:
+    """Write a file so that readers see either nothing or all of it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(final)
+    try:
+        with tmp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(final.parent)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(8 * 2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class RunStore:
+    """Paths and atomic I/O inside one run folder."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def table_dir(self, table: str) -> Path:
+        return self.path / table
+
+    def shard_path(self, table: str, shard: str) -> Path:
+        return self.table_dir(table) / f"{shard}.parquet"
+
+    def marker_path(self, table: str, shard: str) -> Path:
+        return self.table_dir(table) / MARKERS / f"{shard}.json"
+
+    def read_json(self, name: str = RUN_JSON) -> dict[str, Any] | None:
+        path = self.path / name
+        if not path.exists():
+            return None
+        return json.loads(path.read_text())
+
+    def write_json(self, obj: dict[str, Any], name: str = RUN_JSON) -> None:
+        write_bytes_atomic(self.path / name, json.dumps(obj, indent=2, sort_keys=False).encode())
+
+    def write_table(self, table_name: str, file_name: str, table: pa.Table) -> Path:
+        """Write a whole (small) table file atomically."""
+        final = self.table_dir(table_name) / file_name
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_path(final)
+        try:
+            pq.write_table(table, tmp, compression="zstd")
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return final
+
+    def read_marker(self, table: str, shard: str) -> dict[str, Any] | None:
+        path = self.marker_path(table, shard)
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            log.warning("%s: unreadable completion marker; the shard will be redone", path)
+            return None
+
+    def is_complete(self, table: str, shard: str) -> bool:
+        marker = self.read_marker(table, shard)
+        path = self.shard_path(table, shard)
+        if marker is None or not path.exists():
+            return False
+        if path.stat().st_size != marker.get("bytes"):
+            log.warning("%s: size differs from its completion marker; the shard will be redone", path)
+            return False
+        return True
+
+    def status_totals(self, table: str, shards: list[str]) -> dict[str, int]:
+        """Row counts by status over the complete shards among ``shards``."""
+        totals: dict[str, int] = {"complete_shards": 0}
+        for shard in shards:
+            marker = self.read_marker(table, shard) if self.is_complete(table, shard) else None
+            if marker is None:
+                continue
+            totals["complete_shards"] += 1
+            for status, count in marker.get("status_counts", {}).items():
+                totals[status] = totals.get(status, 0) + int(count)
+        return totals
+
+    def invalidate(self, table: str, shard: str) -> None:
+        """Mark a shard incomplete before it is rewritten (a crash then means 'redo it')."""
+        self.marker_path(table, shard).unlink(missing_ok=True)
+
+    def open_shard(
+        self, table: str, shard: str, schema: pa.Schema, compression: dict[str, str] | str = "zstd"
+    ) -> ShardWriter:
+        return ShardWriter(
+            self.shard_path(table, shard), self.marker_path(table, shard), schema, compression
+        )
+
+    def remove_stale_tmp(self, table: str, older_than_s: float = 86_400) -> int:
+        """Delete temporary files that crashed writers left behind (a day old by default, so
+        another process's write in progress is never touched)."""
+        removed = 0
+        folder = self.table_dir(table)
+        if not folder.exists():
+            return 0
+        for path in folder.glob(f".*{TMP_TAG}*"):
+            if time.time() - path.stat().st_mtime > older_than_s:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
+class ShardWriter:
+    """Streams record batches into one shard's Parquet file; ``commit`` publishes it.
+
+    Rows are buffered into row groups of about ``row_group_bytes``; the file appears under its
+    final name only in ``commit``, after which the marker is written. Leaving the ``with`` block
+    with an exception deletes the temporary file and leaves no marker.
+    """
+
+    def __init__(
+        self,
+        final: Path,
+        marker: Path,
+        schema: pa.Schema,
+        compression: dict[str, str] | str,
+        row_group_bytes: int = ROW_GROUP_BYTES,
+    ) -> None:
+        self.final, self.marker, self.schema = final, marker, schema
+        self.row_group_bytes = row_group_bytes
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = _tmp_path(final)
+        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(
+            self.tmp, schema, compression=compression, use_dictionary=False, write_statistics=True
+        )
+        self._buffer: list[pa.Table] = []
+        self._buffered_bytes = 0
+        self.rows = 0
+        self.status_counts: dict[str, int] = {}
+        self.first_error: str | None = None
+        self.started_at = time.time()
+
+    def write(self, rows: dict[str, np.ndarray | list[Any]] | pa.Table) -> None:
+        table = rows if isinstance(rows, pa.Table) else pa.Table.from_pydict(
+            {name: rows[name] for name in self.schema.names}, schema=self.schema
+        )
+        table = table.select(self.schema.names).cast(self.schema)
+        self.rows += table.num_rows
+        if "status" in self.schema.names:
+            for status in table.column("status").to_pylist():
+                self.status_counts[status] = self.status_counts.get(status, 0) + 1
+        if self.first_error is None and "error" in self.schema.names:
+            self.first_error = next((e for e in table.column("error").to_pylist() if e), None)
+        self._buffer.append(table)
+        self._buffered_bytes += table.nbytes
+        if self._buffered_bytes >= self.row_group_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer or self._writer is None:
+            return
+        table = pa.concat_tables(self._buffer)
+        self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
+        self._buffer, self._buffered_bytes = [], 0
+
+    def commit(self, **extra: Any) -> dict[str, Any]:
+        """Close, publish under the final name, then write the completion marker."""
+        assert self._writer is not None, "commit() called twice"
+        self._flush()
+        self._writer.close()
+        self._writer = None
+        with self.tmp.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        size = self.tmp.stat().st_size
+        digest = file_sha256(self.tmp)
+        os.replace(self.tmp, self.final)
+        _fsync_dir(self.final.parent)
+        marker = {
+            "shard": self.final.stem,
+            "file": self.final.name,
+            "rows": self.rows,
+            "status_counts": self.status_counts,
+            "first_error": self.first_error,
+            "bytes": size,
+            "sha256": digest,
+            "started_at": self.started_at,
+            "finished_at": time.time(),
+            "host": socket.gethostname(),
+            **extra,
+        }
+        write_bytes_atomic(self.marker, json.dumps(marker, indent=2).encode())
+        return marker
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            finally:
+                self._writer = None
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None or self._writer is not None:
+            self.abort()

@@ -1,0 +1,59 @@
+"""Built-in checkpoints (``model.path: builtin:<name>``), built once into a cache folder.
+
+Building is deterministic (seeded), so every machine of a cluster builds the same bytes; the
+folder is written under a temporary name and renamed, so concurrent builders never see half of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from audit.errors import InputError
+from audit.testbed.architectures import TINY, build_pipeline, save_pipeline
+
+log = logging.getLogger(__name__)
+
+
+def _build_tiny(folder: Path) -> None:
+    save_pipeline(build_pipeline(TINY, seed=0), folder)
+
+
+BUILDERS: dict[str, tuple[str, Callable[[Path], None]]] = {
+    "tiny": ("tiny-v1", _build_tiny),
+}
+
+
+def cache_root() -> Path:
+    """``$MEMAUDIT_CACHE``, else ``~/.cache/memaudit``."""
+    return Path(os.environ.get("MEMAUDIT_CACHE", Path.home() / ".cache" / "memaudit"))
+
+
+def builtin_checkpoint(name: str) -> Path:
+    """The folder of a built-in checkpoint, building it on first use."""
+    if name not in BUILDERS:
+        raise InputError(
+            f"model.path: unknown built-in checkpoint 'builtin:{name}'; "
+            f"available: {', '.join('builtin:' + n for n in BUILDERS)}"
+        )
+    folder_name, build = BUILDERS[name]
+    folder = cache_root() / "builtin" / folder_name
+    if (folder / "model_index.json").is_file():
+        return folder
+    log.info("building built-in checkpoint %s into %s", name, folder)
+    tmp = folder.with_name(f".{folder_name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        build(tmp)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / "model_index.json").is_file():
+                raise  # not a lost race with another builder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -1,0 +1,142 @@
+"""Generation throughput: the Ray path of `memaudit run` vs a plain single-process loop.
+
+Both use the same pipeline folder, settings, prompts, seeds and batch size, and both are timed
+from a loaded pipeline to the last image (the first batch included, so warm-up counts for both):
+
+- plain: ``pipe(prompts, generator=[...], output_type="pt")`` batch after batch in this process,
+  images converted to uint8 and copied to the host — what a user would write by hand;
+- ray: ``run_audit`` on a local Ray — actors, seeds, noise magnitude, PNG encoding and Parquet
+  shards with atomic publish and markers — timed from the first shard's start to the last
+  shard's end as the workers recorded them; start-up (worker, model load) is printed apart.
+
+Rounds alternate plain and ray (each ray round is a new run with a new worker) and the medians are
+compared, because a shared machine's speed drifts by several percent from minute to minute.
+
+CPU (tiny checkpoint):  python benchmarks/generation.py
+GPU (SD1.5 architecture, random weights run at the real speed):
+    python benchmarks/generation.py --arch sd15 --steps 50 --batch-size 16 --prompts 8 --samples 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from audit.config import AuditConfig, load_config
+from audit.generate.images import to_uint8
+from audit.generate.loading import load_pipeline, resolve_numerics
+from audit.plan import plan_prompts, shard_samples
+from audit.prompts import read_prompts
+from audit.testbed.architectures import ARCHITECTURES, build_pipeline, save_pipeline
+
+
+def _checkpoint(arch: str, folder: Path) -> str:
+    if arch == "tiny":
+        return "builtin:tiny"
+    pipe = build_pipeline(ARCHITECTURES[arch], seed=0).to(torch.bfloat16)
+    return str(save_pipeline(pipe, folder / arch))
+
+
+def _config(args: argparse.Namespace, checkpoint: str, work: Path) -> AuditConfig:
+    prompts = work / "prompts.txt"
+    prompts.write_text("\n".join(f"benchmark prompt number {i}, a photograph" for i in range(args.prompts)))
+    return load_config(None, [
+        f"run.root={work / 'runs'}",
+        f"model.path={checkpoint}",
+        f"model.device={args.device}",
+        f"model.dtype={args.dtype}",
+        f"prompts.source={prompts}",
+        f"generation.samples_per_prompt={args.samples}",
+        f"generation.steps={args.steps}",
+        f"generation.prompts_per_shard={args.prompts_per_shard}",
+        f"compute.batch_size={args.batch_size}",
+        f"compute.num_workers={args.workers}",
+    ])
+
+
+def plain_loop(cfg: AuditConfig) -> tuple[int, float]:
+    """Images and seconds of a hand-written loop over the same samples."""
+    from audit.generate.loading import resolve_model
+
+    device, dtype = resolve_numerics(cfg.model, torch.cuda.is_available())
+    pipe = load_pipeline(cfg.model, resolve_model(cfg.model).folder, device, dtype)
+    plan = plan_prompts(read_prompts(cfg.prompts), cfg.generation.prompts_per_shard)
+    gen, size = cfg.generation, cfg.compute.batch_size
+    rows = [shard_samples(s, gen.samples_per_prompt, cfg.run.seed) for s in plan.shards()]
+    n = 0
+    start = time.perf_counter()
+    for shard in rows:
+        for i in range(0, len(shard["seed"]), size):
+            seeds = shard["seed"][i : i + size]
+            with torch.inference_mode():
+                images = pipe(
+                    prompt=[str(p) for p in shard["prompt"][i : i + size]],
+                    num_inference_steps=gen.steps,
+                    guidance_scale=gen.guidance_scale,
+                    generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
+                    output_type="pt",
+                ).images
+            n += len(to_uint8(images)[0])
+    return n, time.perf_counter() - start
+
+
+def ray_path(cfg: AuditConfig) -> tuple[int, float, float]:
+    """Images, generation window (s) and whole wall time (s) of `memaudit run`."""
+    from audit.pipeline import run_audit
+
+    start = time.perf_counter()
+    result = run_audit(cfg)
+    wall = time.perf_counter() - start
+    report = result.generation
+    return report.samples_written, report.generation_window_s, wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="tiny")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--prompts-per-shard", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating plain/ray rounds; medians reported")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from audit.pipeline import connect
+
+    plain_rates, ray_rates, walls = [], [], []
+    with tempfile.TemporaryDirectory(prefix="memaudit-bench-") as tmp:
+        checkpoint = _checkpoint(args.arch, Path(tmp))
+        connect(None)  # one local Ray for every round; each round still starts its own worker
+        for round_ in range(args.repeats):
+            work = Path(tmp) / f"round-{round_}"
+            work.mkdir()
+            cfg = _config(args, checkpoint, work)
+            n_plain, s_plain = plain_loop(cfg)
+            n_ray, s_window, s_wall = ray_path(cfg)
+            plain_rates.append(n_plain / s_plain)
+            ray_rates.append(n_ray / s_window)
+            walls.append(s_wall)
+            print(f"round {round_}: plain {n_plain} images {s_plain:.2f} s, ray {n_ray} images {s_window:.2f} s "
+                  f"(command {s_wall:.2f} s)", flush=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    plain_rate, ray_rate = statistics.median(plain_rates), statistics.median(ray_rates)
+    print(f"device: {device}; arch {args.arch}; {args.prompts} prompts x {args.samples} samples, "
+          f"{args.steps} steps, batch {args.batch_size}, {args.workers} worker(s), {args.repeats} rounds")
+    print(f"plain loop : {plain_rate:.3f} images/s (median; rounds: {', '.join(f'{r:.3f}' for r in plain_rates)})")
+    print(f"ray path   : {ray_rate:.3f} images/s (median; rounds: {', '.join(f'{r:.3f}' for r in ray_rates)}); "
+          f"whole command incl. worker start and model load: {statistics.median(walls):.2f} s")
+    print(f"ratio ray/plain: {ray_rate / plain_rate:.3f}")
+
+
+if __name__ == "__main__":
+    main()

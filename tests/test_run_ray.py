@@ -1,0 +1,204 @@
+"""`memaudit run` end to end on a local Ray: layout, DuckDB, resume, regeneration, retry, crashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from audit.cli import main
+from audit.store import RunStore
+from helpers import PROMPTS, write_config
+
+SHARDS = ["shard-00000", "shard-00001", "shard-00002", "shard-00003"]
+
+
+def _config(folder: Path, checkpoint: Path, prompts: Path, root: Path, n_prompts: int = 8) -> Path:
+    prompts.write_text("\n".join(PROMPTS[:n_prompts]) + "\n", encoding="utf-8")
+    return write_config(
+        folder / "audit.yaml",
+        run={"root": str(root), "seed": 0},
+        model={"path": str(checkpoint)},
+        prompts={"source": str(prompts)},
+        generation={"samples_per_prompt": 4, "steps": 6, "prompts_per_shard": 2},
+        compute={"batch_size": 8},
+    )
+
+
+def _run_path(stdout: str) -> Path:
+    line = next(line for line in stdout.splitlines() if line.startswith("run: "))
+    return Path(line.removeprefix("run: "))
+
+
+def _state(run: Path) -> dict[str, tuple[int, float, str]]:
+    """(inode, mtime, sha256) of every shard file and marker."""
+    files = sorted((run / "samples").glob("*.parquet")) + sorted((run / "samples" / "_markers").glob("*.json"))
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime, hashlib.sha256(p.read_bytes()).hexdigest()) for p in files}
+
+
+def _planned_ids(run: Path) -> set[str]:
+    prompts = pq.read_table(run / "prompts" / "prompts.parquet").column("prompt_id").to_pylist()
+    return {f"{p}-{i:05d}" for p in prompts for i in range(4)}
+
+
+def _sample_ids(run: Path) -> list[str]:
+    return pq.read_table(run / "samples", columns=["sample_id"]).column("sample_id").to_pylist()
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_local: str, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    folder = tmp_path_factory.mktemp("first")
+    cfg = _config(folder, tiny_checkpoint, folder / "prompts.txt", folder / "runs")
+    import io
+    from contextlib import redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = main(["run", str(cfg)])
+    run = _run_path(out.getvalue())
+    return {"code": code, "stdout": out.getvalue(), "run": run, "cfg": cfg, "state": _state(run)}
+
+
+def test_local_ray_listens_on_loopback(ray_local: str) -> None:
+    assert ray_local.startswith("127.0.0.1:")
+
+
+def test_run_writes_layout_readable_by_duckdb(first_run: dict) -> None:
+    run: Path = first_run["run"]
+    assert first_run["code"] == 0, first_run["stdout"]
+    assert run.parent.name.startswith("checkpoint=") and run.parent.parent.name.startswith("model=")
+    info = duckdb.sql(f"select run_id, pipeline.content_sha256 as sha, prompts.n_samples as n, "
+                      f"environment.packages.diffusers as diffusers, config.generation.steps as steps "
+                      f"from read_json_auto('{run}/run.json')").fetchall()[0]
+    assert info[0] == run.name.removeprefix("run=") and len(info[1]) == 64 and info[2] == 32 and info[4] == 6
+    assert info[3]
+    rows = duckdb.sql(f"select count(*), count(distinct sample_id), min(status), max(status), "
+                      f"min(octet_length(image_png)), min(width), bool_and(noise_magnitude > 0) "
+                      f"from read_parquet('{run}/samples/*.parquet')").fetchall()[0]
+    assert rows == (32, 32, "ok", "ok", rows[4], 32, True) and rows[4] > 100
+    hive = duckdb.sql(f"select distinct model, checkpoint, run from read_parquet('{run.parents[2]}/**/samples/*.parquet', "
+                      "hive_partitioning=true)").fetchall()
+    assert hive == [(run.parents[1].name[6:], run.parent.name[11:], run.name[4:])]
+    joined = duckdb.sql(f"select count(*) from read_parquet('{run}/samples/*.parquet') s "
+                        f"join read_parquet('{run}/prompts/*.parquet') p using (prompt_id)").fetchall()[0]
+    assert joined == (32,)
+
+
+def test_every_planned_sample_exactly_once(first_run: dict) -> None:
+    ids = _sample_ids(first_run["run"])
+    assert len(ids) == len(set(ids)) == 32
+    assert set(ids) == _planned_ids(first_run["run"])
+    assert sorted(p.stem for p in (first_run["run"] / "samples").glob("*.parquet")) == SHARDS
+
+
+def test_rerun_resumes_without_regenerating(first_run: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(first_run["cfg"])]) == 0
+    out = capsys.readouterr().out
+    assert _run_path(out) == first_run["run"]
+    assert "0 written this time (0 shards), 4 of 4 shards already complete" in out
+    assert _state(first_run["run"]) == first_run["state"]
+
+
+def test_deleted_shard_is_regenerated_byte_identical(first_run: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "runs"
+    shutil.copytree(first_run["run"].parents[2], root)
+    cfg = write_config(tmp_path / "audit.yaml", **{**_load(first_run["cfg"]), "run": {"root": str(root), "seed": 0}})
+    run = root / first_run["run"].relative_to(first_run["run"].parents[2])
+    before = _state(run)
+    (run / "samples" / "shard-00002.parquet").unlink()
+    assert main(["run", str(cfg)]) == 0
+    assert "written this time (1 shards), 3 of 4 shards already complete" in capsys.readouterr().out
+    after = _state(run)
+    for name in before:
+        if "shard-00002" not in name:
+            assert after[name] == before[name], f"{name} was rewritten"
+    assert after["shard-00002.parquet"][2] == before["shard-00002.parquet"][2]  # byte-identical
+    assert after["shard-00002.parquet"][:2] != before["shard-00002.parquet"][:2]  # but rewritten
+    marker = json.loads((run / "samples" / "_markers" / "shard-00002.json").read_text())
+    assert marker["sha256"] == before["shard-00002.parquet"][2]
+
+
+def test_retry_failed_regenerates_only_failed_rows(first_run: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "runs"
+    shutil.copytree(first_run["run"].parents[2], root)
+    cfg = write_config(tmp_path / "audit.yaml", **{**_load(first_run["cfg"]), "run": {"root": str(root), "seed": 0}})
+    run = root / first_run["run"].relative_to(first_run["run"].parents[2])
+    store = RunStore(run)
+    original = pq.read_table(store.shard_path("samples", "shard-00001"))
+    # Record two failed rows the way a failing batch does (status error, no image).
+    failed = original.to_pydict()
+    for i in (1, 5):
+        failed["status"][i], failed["error"][i], failed["image_png"][i] = "error", "RuntimeError: CUDA error", None
+    with store.open_shard("samples", "shard-00001", original.schema) as writer:
+        writer.write(pa.Table.from_pydict(failed, schema=original.schema))
+        writer.commit()
+    untouched = _state(run)
+    assert main(["run", str(cfg)]) == 3
+    captured = capsys.readouterr()
+    assert "2 samples failed (" not in captured.out and "re-run with --retry-failed" in captured.err
+    assert main(["run", str(cfg), "--retry-failed"]) == 0
+    assert "status: 32 ok, 0 error" in capsys.readouterr().out
+    repaired = pq.read_table(store.shard_path("samples", "shard-00001"))
+    assert repaired.column("sample_id").to_pylist() == original.column("sample_id").to_pylist()
+    assert repaired.column("image_png").to_pylist() == original.column("image_png").to_pylist()
+    assert store.read_marker("samples", "shard-00001")["retried"] == 2
+    after = _state(run)
+    assert all(after[n] == untouched[n] for n in after if "shard-00001" not in n)
+
+
+def test_killed_run_keeps_finished_shards_and_resumes(ray_local: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    cfg = _config(tmp_path, tiny_checkpoint, tmp_path / "prompts.txt", tmp_path / "runs")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "audit.cli", "-q", "run", str(cfg), "--address", ray_local],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    markers: list[Path] = []
+    deadline = time.time() + 240
+    while time.time() < deadline and not markers and proc.poll() is None:
+        markers = list((tmp_path / "runs").glob("*/*/*/samples/_markers/*.json"))
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    output = proc.communicate()[0].decode(errors="replace")
+    assert markers, f"no shard finished before the deadline:\n{output}"
+    run = markers[0].parents[2]
+    store = RunStore(run)
+    complete = [s for s in SHARDS if store.is_complete("samples", s)]
+    assert complete and len(complete) < len(SHARDS), "kill the run between its first and last shard"
+    for shard in SHARDS:  # whatever was published is whole; nothing partial carries a marker
+        if store.read_marker("samples", shard) is not None:
+            assert store.is_complete("samples", shard)
+            assert pq.read_table(store.shard_path("samples", shard)).num_rows == 8
+    finished = _state(run)
+    assert main(["run", str(cfg)]) == 0
+    ids = _sample_ids(run)
+    assert len(ids) == len(set(ids)) == 32 and set(ids) == _planned_ids(run)
+    after = _state(run)
+    for name in finished:
+        if name.removesuffix(".parquet").removesuffix(".json") in complete:
+            assert after[name] == finished[name], f"{name} was regenerated"
+
+
+def _load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def test_reopening_a_run_with_other_settings_is_refused(first_run: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _load(first_run["cfg"])
+    cfg["run"]["run_id"] = first_run["run"].name.removeprefix("run=")
+    cfg["generation"]["steps"] = 7
+    assert main(["run", str(write_config(tmp_path / "audit.yaml", **cfg))]) == 2
+    err = capsys.readouterr().err
+    assert "this run was made with other settings (generation.steps: 6 -> 7)" in err
+    assert _state(first_run["run"]) == first_run["state"]
