@@ -57,6 +57,7 @@ def _config(args: argparse.Namespace, checkpoint: str, work: Path) -> AuditConfi
         f"generation.prompts_per_shard={args.prompts_per_shard}",
         f"compute.batch_size={args.batch_size}",
         f"compute.num_workers={args.workers}",
+        *([f"generation.height={args.size}", f"generation.width={args.size}"] if args.size else []),
     ])
 
 
@@ -79,6 +80,8 @@ def plain_loop(cfg: AuditConfig) -> tuple[int, float]:
                     prompt=[str(p) for p in shard["prompt"][i : i + size]],
                     num_inference_steps=gen.steps,
                     guidance_scale=gen.guidance_scale,
+                    height=gen.height,
+                    width=gen.width,
                     generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
                     output_type="pt",
                 ).images
@@ -106,6 +109,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--prompts-per-shard", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--repeats", type=int, default=3, help="alternating plain/ray rounds; medians reported")

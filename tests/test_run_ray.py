@@ -111,10 +111,7 @@ def test_rerun_resumes_without_regenerating(first_run: dict, capsys: pytest.Capt
 
 
 def test_deleted_shard_is_regenerated_byte_identical(first_run: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    root = tmp_path / "runs"
-    shutil.copytree(first_run["run"].parents[2], root)
-    cfg = write_config(tmp_path / "audit.yaml", **{**_load(first_run["cfg"]), "run": {"root": str(root), "seed": 0}})
-    run = root / first_run["run"].relative_to(first_run["run"].parents[2])
+    cfg, run = _copy_of_first_run(first_run, tmp_path)
     before = _state(run)
     (run / "samples" / "shard-00002.parquet").unlink()
     assert main(["run", str(cfg)]) == 0
@@ -130,10 +127,7 @@ def test_deleted_shard_is_regenerated_byte_identical(first_run: dict, tmp_path: 
 
 
 def test_retry_failed_regenerates_only_failed_rows(first_run: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    root = tmp_path / "runs"
-    shutil.copytree(first_run["run"].parents[2], root)
-    cfg = write_config(tmp_path / "audit.yaml", **{**_load(first_run["cfg"]), "run": {"root": str(root), "seed": 0}})
-    run = root / first_run["run"].relative_to(first_run["run"].parents[2])
+    cfg, run = _copy_of_first_run(first_run, tmp_path)
     store = RunStore(run)
     original = pq.read_table(store.shard_path("samples", "shard-00001"))
     # Record two failed rows the way a failing batch does (status error, no image).
@@ -186,6 +180,15 @@ def test_killed_run_keeps_finished_shards_and_resumes(ray_local: str, tiny_check
     for name in finished:
         if name.removesuffix(".parquet").removesuffix(".json") in complete:
             assert after[name] == finished[name], f"{name} was regenerated"
+
+
+def _copy_of_first_run(first_run: dict, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the first run under another root, and a config pointing at it (same run id:
+    the root is not part of a run's identity)."""
+    root = tmp_path / "runs"
+    shutil.copytree(first_run["run"].parents[2], root)
+    cfg = write_config(tmp_path / "audit.yaml", **{**_load(first_run["cfg"]), "run": {"root": str(root), "seed": 0}})
+    return cfg, root / first_run["run"].relative_to(first_run["run"].parents[2])
 
 
 def _load(path: Path) -> dict:

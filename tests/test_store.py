@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -104,8 +105,6 @@ def test_atomic_json_and_stale_tmp_cleanup(tmp_path: Path) -> None:
     stale.write_bytes(b"x")
     fresh.write_bytes(b"x")
     old = time.time() - 2 * 86_400
-    import os
-
     os.utime(stale, (old, old))
     assert store.remove_stale_tmp("samples") == 1
     assert not stale.exists() and fresh.exists()
