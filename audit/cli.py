@@ -43,12 +43,24 @@ def _parser() -> argparse.ArgumentParser:
     show = commands.add_parser("config", help="validate a config and print it with every default")
     with_config(show)
 
-    testbed = commands.add_parser("testbed", help="build checkpoints for tests and benchmarks")
-    testbed.add_argument("action", choices=["build"], help="build a pipeline and save it (safetensors)")
-    testbed.add_argument("out", type=Path, help="output folder")
-    testbed.add_argument("--arch", choices=["tiny", "sd15"], default="tiny",
-                         help="tiny (tests) or sd15 (full SD1.5 architecture, random weights)")
-    testbed.add_argument("--seed", type=int, default=0)
+    testbed = commands.add_parser("testbed", help="the trained testbed and architectures for tests/benchmarks")
+    actions = testbed.add_subparsers(dest="action", required=True, metavar="ACTION")
+    build = actions.add_parser("build", help="save a pipeline with random weights (safetensors)")
+    build.add_argument("out", type=Path, help="output folder")
+    build.add_argument("--arch", choices=["tiny", "testbed", "sd15"], default="tiny",
+                       help="tiny (tests), testbed (untrained), sd15 (full SD1.5 architecture)")
+    build.add_argument("--seed", type=int, default=0)
+    train = actions.add_parser("train", help="train the memorizing testbed and write its folder and model card")
+    train.add_argument("out", type=Path, help="output folder (new or empty)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--vae-steps", type=int, default=None)
+    train.add_argument("--unet-steps", type=int, default=None)
+    train.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")
+    evaluate = actions.add_parser("evaluate", help="re-measure a trained testbed's memorization")
+    evaluate.add_argument("folder", type=Path, nargs="?", help="testbed folder (default: the built-in one)")
+    evaluate.add_argument("--write", metavar="COMMAND",
+                          help="also rewrite metrics.json, examples.png and the model card from this "
+                               "measurement, recording COMMAND as the command that trained it")
     return parser
 
 
@@ -83,12 +95,43 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _testbed(args: argparse.Namespace) -> int:
-    from audit.testbed.architectures import ARCHITECTURES, build_pipeline, save_pipeline
+    if args.action == "build":
+        from audit.testbed.architectures import ARCHITECTURES, build_pipeline, save_pipeline
 
-    if args.out.exists() and any(args.out.iterdir()):
-        raise MemauditError(f"{args.out}: folder exists and is not empty; choose a new folder")
-    save_pipeline(build_pipeline(ARCHITECTURES[args.arch], seed=args.seed), args.out)
-    print(args.out)
+        if args.out.exists() and any(args.out.iterdir()):
+            raise MemauditError(f"{args.out}: folder exists and is not empty; choose a new folder")
+        save_pipeline(build_pipeline(ARCHITECTURES[args.arch], seed=args.seed), args.out)
+        print(args.out)
+        return EXIT_OK
+    from audit.testbed.package import TrainSpec, evaluate_folder, format_groups, train_and_package
+
+    if args.action == "train":
+        defaults = TrainSpec(seed=args.seed)
+        spec = TrainSpec(
+            seed=args.seed,
+            vae_steps=args.vae_steps if args.vae_steps is not None else defaults.vae_steps,
+            unet_steps=args.unet_steps if args.unet_steps is not None else defaults.unet_steps,
+        )
+        command = f"memaudit testbed train OUT --seed {args.seed}"
+        if args.vae_steps is not None:
+            command += f" --vae-steps {args.vae_steps}"
+        if args.unet_steps is not None:
+            command += f" --unet-steps {args.unet_steps}"
+        import torch
+
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        print(format_groups(train_and_package(args.out, spec, command, device=device)))
+        print(args.out)
+        return EXIT_OK
+    from audit.testbed.builtin import testbed_folder
+    from audit.testbed.package import remeasure
+
+    folder = args.folder or testbed_folder()
+    if args.write:
+        print(format_groups(remeasure(folder, args.write)))
+        return EXIT_OK
+    recorded, measured = evaluate_folder(folder)
+    print("recorded:\n" + format_groups(recorded) + "\nmeasured now:\n" + format_groups(measured))
     return EXIT_OK
 
 

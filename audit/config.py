@@ -55,7 +55,7 @@ class RunSection(_Section):
 class ModelSection(_Section):
     """The text-to-image checkpoint and how to load it."""
 
-    path: str = Field("builtin:tiny", description="diffusers folder, hub id, or builtin:<name>.")
+    path: str = Field("builtin:testbed", description="diffusers folder, hub id, or builtin:<name>.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
@@ -76,7 +76,7 @@ class ModelSection(_Section):
 class PromptsSection(_Section):
     """Where prompts come from."""
 
-    source: str = Field("builtin:default", description="txt/jsonl/parquet file or folder.")
+    source: str = Field("builtin:testbed", description="txt/jsonl/parquet file, folder, or builtin:<name>.")
     format: Literal["auto", "txt", "jsonl", "parquet"] = "auto"
     text_column: str = Field("caption", description="Caption column of JSONL/Parquet sources.")
     limit: int | None = Field(None, gt=0, description="Use the first N distinct prompts.")

@@ -17,10 +17,14 @@ import pyarrow.dataset as ds
 
 from audit.config import PromptsSection
 from audit.errors import InputError
+from audit.testbed.builtin import testbed_folder
 
 log = logging.getLogger(__name__)
 
-BUILTIN_SOURCES = {"default": Path(__file__).parent / "defaults" / "prompts.txt"}
+BUILTIN_SOURCES = {
+    "default": Path(__file__).parent / "defaults" / "prompts.txt",
+    "testbed": testbed_folder() / "audit_prompts.txt",
+}
 CARRIED_COLUMNS = ("key", "url")
 _SUFFIX_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 

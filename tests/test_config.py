@@ -19,8 +19,8 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_builtin_default_loads_with_documented_defaults() -> None:
     cfg = load_config(None)
-    assert cfg.model.path == "builtin:tiny"
-    assert cfg.prompts.source == "builtin:default"
+    assert cfg.model.path == "builtin:testbed"
+    assert cfg.prompts.source == "builtin:testbed"
     assert cfg.generation.samples_per_prompt == 4
     assert cfg.compute.num_workers == "auto"
     assert Path(cfg.run.root).is_absolute()

@@ -67,6 +67,20 @@ TINY = Architecture(
     },
 )
 
+# The trained testbed: TINY's VAE and text encoder, a UNet with three levels (16, 8, 4 latent
+# pixels) and cross-attention at the lower two: 1.7M parameters, ~0.4 s per batch-32 training
+# step on two CPU cores.
+TESTBED = Architecture(
+    unet={
+        **TINY.unet,
+        "block_out_channels": (32, 64, 64),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    },
+    vae=TINY.vae,
+    text=TINY.text,
+)
+
 SD15 = Architecture(
     unet={
         "sample_size": 64,
@@ -99,7 +113,7 @@ SD15 = Architecture(
     },
 )
 
-ARCHITECTURES = {"tiny": TINY, "sd15": SD15}
+ARCHITECTURES = {"tiny": TINY, "testbed": TESTBED, "sd15": SD15}
 
 
 def build_pipeline(arch: Architecture, seed: int = 0):  # -> StableDiffusionPipeline

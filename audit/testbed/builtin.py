@@ -1,6 +1,7 @@
-"""Built-in checkpoints (``model.path: builtin:<name>``), built once into a cache folder.
+"""Built-in checkpoints (``model.path: builtin:<name>``).
 
-Building is deterministic (seeded), so every machine of a cluster builds the same bytes; the
+``builtin:testbed`` is the trained testbed shipped in the package; the others are built once
+into a cache folder. Building is deterministic (seeded), so every machine of a cluster builds the same bytes; the
 folder is written under a temporary name and renamed, so concurrent builders never see half of it.
 """
 
@@ -26,6 +27,12 @@ def _build_tiny(folder: Path) -> None:
 BUILDERS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "tiny": ("tiny-v1", _build_tiny),
 }
+SHIPPED = ("testbed",)
+
+
+def testbed_folder() -> Path:
+    """The trained testbed shipped inside the package (see its README.md model card)."""
+    return Path(__file__).parent / "trained"
 
 
 def cache_root() -> Path:
@@ -35,10 +42,15 @@ def cache_root() -> Path:
 
 def builtin_checkpoint(name: str) -> Path:
     """The folder of a built-in checkpoint, building it on first use."""
+    if name == "testbed":
+        folder = testbed_folder() / "pipeline"
+        if not (folder / "model_index.json").is_file():
+            raise InputError(f"model.path: the built-in testbed is missing from {folder}; reinstall memaudit")
+        return folder
     if name not in BUILDERS:
         raise InputError(
             f"model.path: unknown built-in checkpoint 'builtin:{name}'; "
-            f"available: {', '.join('builtin:' + n for n in BUILDERS)}"
+            f"available: {', '.join('builtin:' + n for n in (*SHIPPED, *BUILDERS))}"
         )
     folder_name, build = BUILDERS[name]
     folder = cache_root() / "builtin" / folder_name

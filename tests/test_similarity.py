@@ -1,0 +1,36 @@
+"""Carlini et al.'s tiled L2 on known images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from audit.similarity import rms_l2, tiled_l2
+
+
+def test_identical_images_are_at_zero_and_uint8_equals_float() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    assert np.allclose(tiled_l2(a, a), 0)
+    b = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    assert np.allclose(tiled_l2(a, b), tiled_l2(a / 255.0, b / 255.0), atol=1e-6)
+
+
+def test_one_bad_tile_decides() -> None:
+    a = np.zeros((32, 32, 3), np.float32)
+    b = a.copy()
+    b[:8, :8] = 1.0  # one of 16 tiles fully wrong
+    assert tiled_l2(a, b) == pytest.approx(1.0)
+    assert rms_l2(a, b) == pytest.approx(np.sqrt(1 / 16))  # diluted over the whole image
+
+
+def test_uniform_offset_and_broadcasting() -> None:
+    a = np.full((4, 1, 16, 16, 3), 0.5, np.float32)
+    b = np.full((4, 3, 16, 16, 3), 0.6, np.float32)
+    d = tiled_l2(a, b)
+    assert d.shape == (4, 3) and np.allclose(d, 0.1, atol=1e-6)
+
+
+def test_shapes_that_do_not_tile_are_refused() -> None:
+    with pytest.raises(ValueError, match="do not split into 4x4 tiles"):
+        tiled_l2(np.zeros((30, 30, 3)), np.zeros((30, 30, 3)))
