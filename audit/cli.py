@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     show = commands.add_parser("config", help="validate a config and print it with every default")
     with_config(show)
 
+    from audit import cli_reference
+
+    cli_reference.add_parser(commands, with_config)
+
     testbed = commands.add_parser("testbed", help="the trained testbed and architectures for tests/benchmarks")
     actions = testbed.add_subparsers(dest="action", required=True, metavar="ACTION")
     build = actions.add_parser("build", help="save a pipeline with random weights (safetensors)")
@@ -80,6 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "testbed":
             return _testbed(args)
+        if args.command == "reference":
+            from audit import cli_reference
+
+            needs_config = args.action != "validate"
+            return cli_reference.run(args, load_config(args.config, args.overrides) if needs_config else None)
         return _run(args)
     except MemauditError as exc:
         print(f"memaudit: error: {exc}", file=sys.stderr)
@@ -150,9 +159,20 @@ def _run(args: argparse.Namespace) -> int:
     totals = _totals(result.run_path, report.shards_total)
     print(f"status: {totals.get('ok', 0)} ok, {totals.get('error', 0)} error "
           f"in {totals['complete_shards']} of {report.shards_total} complete shards")
-    if report.shards_failed:
-        first = next(iter(report.shards_failed.items()))
-        print(f"memaudit: {len(report.shards_failed)} shards failed (e.g. {first[0]}: {first[1]}); "
+    embedded = result.embeddings
+    print(f"embeddings: {embedded.shards_written} shards embedded now, {embedded.shards_skipped} already current"
+          + (f", {len(embedded.shards_failed)} failed" if embedded.shards_failed else ""))
+    if result.neighbors:
+        print(f"neighbors: {result.neighbors['shards_written']} shards joined now ({result.neighbors['queries']} "
+              f"queries), {result.neighbors['shards_skipped']} already current")
+    flagged, prompts = _flagged(result.run_path)
+    print(f"detection: {result.detection.get('shards_written', 0)} shards scored now; "
+          f"memorized prompts: {flagged} of {prompts} scored (prompt_scores/, matches/)")
+    failed = {**report.shards_failed, **{f"embeddings {k}": v for k, v in embedded.shards_failed.items()},
+              **{f"detection {k}": v for k, v in result.detection.get("failed", {}).items()}}
+    if failed:
+        first = next(iter(failed.items()))
+        print(f"memaudit: {len(failed)} shards failed (e.g. {first[0]}: {first[1]}); "
               "run again to retry them", file=sys.stderr)
         return EXIT_FAILURE
     if totals.get("error", 0):
@@ -160,6 +180,17 @@ def _run(args: argparse.Namespace) -> int:
               "re-run with --retry-failed", file=sys.stderr)
         return EXIT_PARTIAL
     return EXIT_OK
+
+
+def _flagged(run_path: Path) -> tuple[int, int]:
+    import pyarrow.parquet as pq
+
+    folder = run_path / "prompt_scores"
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    if not files:
+        return 0, 0
+    flags = pq.read_table(folder, columns=["flagged"]).column("flagged").to_pylist()
+    return sum(bool(f) for f in flags), len(flags)
 
 
 def _totals(run_path: Path, n_shards: int) -> dict[str, int]:

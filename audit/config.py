@@ -29,6 +29,12 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
+def _check_device(value: str) -> str:
+    if not _DEVICE.match(value):
+        raise ValueError(f"{value!r} is not allowed; allowed values: auto, cpu, cuda, cuda:N, mps")
+    return value
+
+
 def _partition_value(value: str | None, key: str) -> str | None:
     if value is not None and not _PARTITION_VALUE.match(value):
         raise ValueError(
@@ -68,16 +74,16 @@ class ModelSection(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if not _DEVICE.match(value):
-            raise ValueError(f"{value!r} is not allowed; allowed values: auto, cpu, cuda, cuda:N, mps")
-        return value
+        return _check_device(value)
 
 
 class PromptsSection(_Section):
     """Where prompts come from."""
 
     source: str = Field("builtin:testbed", description="txt/jsonl/parquet file, folder, or builtin:<name>.")
-    format: Literal["auto", "txt", "jsonl", "parquet"] = "auto"
+    format: Literal["auto", "txt", "jsonl", "parquet", "most_duplicated"] = Field(
+        "auto", description="most_duplicated: source is a reference folder; its captions, most duplicated first."
+    )
     text_column: str = Field("caption", description="Caption column of JSONL/Parquet sources.")
     limit: int | None = Field(None, gt=0, description="Use the first N distinct prompts.")
 
@@ -117,6 +123,82 @@ class ComputeSection(_Section):
         return value
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class EmbeddingSection(_Section):
+    """The image embedding model used for generated samples and reference images alike."""
+
+    kind: Literal["builtin", "open_clip", "torchscript"] = Field(
+        "builtin", description="builtin, open_clip (CLIP models) or torchscript (copy detectors such as SSCD)."
+    )
+    model: str = Field(
+        "testbed-copy",
+        description="builtin name; open_clip model name (ViT-L-14, local-dir:/path); TorchScript file.",
+    )
+    pretrained: str | None = Field(None, description="open_clip pretrained tag or weights file.")
+    image_size: int = Field(224, gt=0, description="TorchScript input side in pixels (SSCD: 288).")
+    mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="TorchScript input normalisation.")
+    std: tuple[float, float, float] = IMAGENET_STD
+    batch_size: int = Field(64, gt=0, description="Images per embedding forward.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    max_image_pixels: int = Field(50_000_000, gt=0, description="Larger images are refused (bomb guard).")
+    allow_pickle: bool = Field(False, description="Allow pickle-based open_clip weight files.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return _check_device(value)
+
+
+class ReferenceSection(_Section):
+    """The training-set side: embedding folder, faiss index recipe, duplicate counting."""
+
+    path: str | None = Field(None, description="Reference folder (img_emb/, metadata/, index/), builtin:testbed, or null.")
+    input_format: Literal["auto", "webdataset", "parquet"] = Field(
+        "auto", description="img2dataset output format read by `reference embed`."
+    )
+    images_per_shard: int = Field(10_000, gt=0, description="Rows per img_emb/metadata file written.")
+    index_factory: str = Field(
+        "auto", description="faiss factory string; auto: Flat up to flat_max_vectors, else IVF-PQ."
+    )
+    flat_max_vectors: int = Field(1_000_000, gt=0, description="auto uses an exact index up to this size.")
+    vectors_per_shard: int = Field(2_000_000, gt=0, description="Vectors per faiss index shard.")
+    train_sample: int = Field(200_000, gt=0, description="Vectors used to train IVF-PQ (per shard).")
+    nprobe: int = Field(64, gt=0, description="IVF lists searched per query.")
+    rerank: int = Field(20, ge=1, description="IVF-PQ: exact re-rank of k x rerank candidates (1: none).")
+    dup_threshold: float = Field(0.95, gt=0, le=1, description="Cosine at which two images are duplicates.")
+
+
+class DetectionSection(_Section):
+    """Turning samples and the reference index into evidence; defaults from the papers."""
+
+    k: int = Field(10, gt=0, description="Reference neighbours kept per sample.")
+    join_batch: int = Field(1024, ge=1, description="Queries per faiss call (>= 256 reaches GEMM speed).")
+    join_workers: int | Literal["auto"] = Field("auto", description="Index shard actors; auto: one per shard, at most the CPUs.")
+    tile_grid: int = Field(4, gt=0, description="Carlini's tiled L2: tiles per side.")
+    clique_delta: float = Field(0.15, gt=0, description="Tiled L2 under which two samples are the same.")
+    clique_min: int | Literal["auto"] = Field(
+        "auto", description="Clique size that flags a prompt; auto: 10 per 500 samples (Carlini), at least 3."
+    )
+    split_chunks: int = Field(16, gt=0, description="Somepalli's split-product chunks.")
+    verify_top: int = Field(3, gt=0, description="Neighbours per sample verified on pixels.")
+    verify_size: int = Field(256, gt=0, description="Largest side at which pixel distances are computed.")
+    match_l2: float = Field(0.15, gt=0, description="Tiled L2 of a verified copy (Carlini's extraction).")
+    template_similarity: float = Field(
+        0.5, gt=0, le=1, description="Copy similarity above which a non-matching pair is a layout copy (Somepalli)."
+    )
+    flag_score: float = Field(0.5, ge=0, le=1, description="Memorization score at which a prompt is flagged.")
+
+    @field_validator("join_workers", "clique_min")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value <= 0:
+            raise ValueError("must be > 0 or 'auto'")
+        return value
+
+
 class AuditConfig(_Section):
     """A complete audit run."""
 
@@ -125,6 +207,9 @@ class AuditConfig(_Section):
     prompts: PromptsSection = PromptsSection()
     generation: GenerationSection = GenerationSection()
     compute: ComputeSection = ComputeSection()
+    embedding: EmbeddingSection = EmbeddingSection()
+    reference: ReferenceSection = ReferenceSection()
+    detection: DetectionSection = DetectionSection()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -152,7 +237,10 @@ def fingerprint(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-_PATH_KEYS = (("model", "path"), ("prompts", "source"), ("run", "root"))
+_PATH_KEYS = (("model", "path"), ("prompts", "source"), ("run", "root"), ("reference", "path"),
+              ("embedding", "model"), ("embedding", "pretrained"))
+# Values that may be names rather than paths: resolved only when the file exists.
+_MAYBE_NAME = {("model", "path"), ("embedding", "model"), ("embedding", "pretrained")}
 
 
 def _format_error(error: Mapping[str, Any], model: type[BaseModel], origin: str) -> str:
@@ -208,13 +296,13 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         if not isinstance(node, dict) or not isinstance(node.get(key), str):
             continue
         value = node[key]
-        if value.startswith("builtin:") or "://" in value:
+        if value.startswith("builtin:") or "://" in value or value.startswith("local-dir:"):
             continue
         candidate = Path(value).expanduser()
         if not candidate.is_absolute():
             resolved = (base / candidate).resolve()
-            # A relative model path that is not on disk may be a hub id (org/name); keep it.
-            if section == "model" and not resolved.exists():
+            # A relative model path that is not on disk may be a hub id or a model name; keep it.
+            if (section, key) in _MAYBE_NAME and not resolved.exists():
                 continue
             node[key] = str(resolved)
 

@@ -72,15 +72,19 @@ def resolve_source(section: PromptsSection) -> tuple[Path, str]:
                 f"prompts.source: cannot tell the format of {path} from its suffix; "
                 "set prompts.format to txt, jsonl or parquet"
             )
-    if path.is_dir() and fmt != "parquet":
+    if path.is_dir() and fmt not in {"parquet", "most_duplicated"}:
         raise InputError(f"prompts.source: {path} is a folder; only parquet sources may be folders")
+    if fmt == "most_duplicated" and not path.is_dir():
+        raise InputError(f"prompts.source: {path} is not a reference folder (format most_duplicated reads "
+                         "<folder>/dups/ written by `memaudit reference dups`)")
     return path, fmt
 
 
 def read_prompts(section: PromptsSection) -> RawPrompts:
     """Read every prompt of the configured source."""
     path, fmt = resolve_source(section)
-    readers = {"txt": _read_txt, "jsonl": _read_jsonl, "parquet": _read_parquet}
+    readers = {"txt": _read_txt, "jsonl": _read_jsonl, "parquet": _read_parquet,
+               "most_duplicated": _read_most_duplicated}
     raw = readers[fmt](path, section.text_column)
     if raw.skipped_blank:
         log.warning("%s: skipped %d blank prompts", path, raw.skipped_blank)
@@ -153,4 +157,17 @@ def _read_parquet(path: Path, text_column: str) -> RawPrompts:
         for i, text in enumerate(columns[text_column]):
             raw.add(text, row, {c: columns[c][i] for c in carried})
             row += 1
+    return raw
+
+
+def _read_most_duplicated(path: Path, _text_column: str) -> RawPrompts:
+    """Carlini et al.'s prompt selection: reference captions, most duplicated images first
+    (``prompts.limit`` keeps the N most duplicated distinct captions)."""
+    from audit.reference.dups import most_duplicated
+
+    table = most_duplicated(path)
+    raw = RawPrompts(source=f"{path} (most duplicated)", carried={c: [] for c in CARRIED_COLUMNS})
+    columns = table.select(["caption", "key", "url", "row"]).to_pydict()
+    for caption, key, url, row in zip(columns["caption"], columns["key"], columns["url"], columns["row"]):
+        raw.add(caption, int(row), {"key": key, "url": url})
     return raw

@@ -39,3 +39,55 @@ SAMPLES = pa.schema(
 SAMPLES_COMPRESSION = {
     name: ("none" if name in {"image_png", "thumb_png"} else "zstd") for name in SAMPLES.names
 }
+
+NEIGHBORS = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("rank", pa.int16(), nullable=False),
+        pa.field("row", pa.int64(), nullable=False),
+        pa.field("key", pa.string()),
+        pa.field("score", pa.float32(), nullable=False),
+        pa.field("shard", pa.int32(), nullable=False),
+    ]
+)
+
+MATCHES = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("rank", pa.int16(), nullable=False),
+        pa.field("row", pa.int64(), nullable=False),
+        pa.field("key", pa.string()),
+        pa.field("own", pa.bool_(), nullable=False),
+        pa.field("tiled_l2", pa.float32()),
+        pa.field("rms", pa.float32()),
+        pa.field("cosine", pa.float32()),
+        pa.field("split_product", pa.float32()),
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+    ]
+)
+
+PROMPT_SCORES = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("n_samples", pa.int32(), nullable=False),
+        pa.field("noise_magnitude", pa.float32()),
+        pa.field("clique_size", pa.int32(), nullable=False),
+        pa.field("clique_exact", pa.bool_(), nullable=False),
+        pa.field("clique_upper", pa.int32(), nullable=False),
+        pa.field("clique_min", pa.int32(), nullable=False),
+        pa.field("best_cosine", pa.float32()),
+        pa.field("best_split_product", pa.float32()),
+        pa.field("min_tiled_l2", pa.float32()),
+        pa.field("n_matching", pa.int32(), nullable=False),
+        pa.field("n_retrieved", pa.int32(), nullable=False),
+        pa.field("n_template", pa.int32(), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),
+        pa.field("flagged", pa.bool_(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+    ]
+)

@@ -44,14 +44,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _tmp_path(final: Path) -> Path:
+def tmp_path(final: Path) -> Path:
     return final.with_name(f".{final.name}{TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def write_bytes_atomic(final: Path, data: bytes) -> None:
     """Write a file so that readers see either nothing or all of it."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(final)
+    tmp = tmp_path(final)
     try:
         with tmp.open("wb") as handle:
             handle.write(data)
@@ -99,7 +99,7 @@ class RunStore:
         """Write a whole (small) table file atomically."""
         final = self.table_dir(table_name) / file_name
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_path(final)
+        tmp = tmp_path(final)
         try:
             pq.write_table(table, tmp, compression="zstd")
             os.replace(tmp, final)
@@ -183,7 +183,7 @@ class ShardWriter:
         self.final, self.marker, self.schema = final, marker, schema
         self.row_group_bytes = row_group_bytes
         final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = _tmp_path(final)
+        self.tmp = tmp_path(final)
         self._writer: pq.ParquetWriter | None = pq.ParquetWriter(
             self.tmp, schema, compression=compression, use_dictionary=False, write_statistics=True
         )

@@ -1,4 +1,4 @@
-"""Ray Jobs entrypoint for a full audit run (as far as the pipeline exists: generation).
+"""Ray Jobs entrypoint for a full audit run: generation, embeddings, kNN join, detection.
 
     ray job submit --address http://HEAD:8265 --submission-id audit-<id> \
         --working-dir . -- python jobs/audit.py CONFIG [--set KEY=VALUE ...] [--retry-failed]

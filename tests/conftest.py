@@ -33,6 +33,7 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     old = os.environ.get("MEMAUDIT_CACHE")
     os.environ["MEMAUDIT_CACHE"] = str(cache)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset's albumentations checks PyPI
     yield cache
     if old is None:
         os.environ.pop("MEMAUDIT_CACHE", None)

@@ -43,7 +43,7 @@ def test_unknown_key_names_path_and_allowed_keys(tmp_path: Path) -> None:
 
 
 def test_unknown_section_lists_sections(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"unknown key 'modle'.*model, prompts, generation, compute"):
+    with pytest.raises(ConfigError, match=r"unknown key 'modle'.*model, prompts, generation, compute, embedding, reference, detection"):
         load_config(_write(tmp_path, "modle:\n  path: x\n"))
 
 

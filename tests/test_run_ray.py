@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -107,7 +108,31 @@ def test_rerun_resumes_without_regenerating(first_run: dict, capsys: pytest.Capt
     out = capsys.readouterr().out
     assert _run_path(out) == first_run["run"]
     assert "0 written this time (0 shards), 4 of 4 shards already complete" in out
+    assert "embeddings: 0 shards embedded now, 4 already current" in out
     assert _state(first_run["run"]) == first_run["state"]
+
+
+def test_samples_are_embedded_in_an_aligned_table(first_run: dict) -> None:
+    from audit.config import EmbeddingSection
+    from audit.embed.samples import TABLE
+    from audit.embed.stage import EmbedStage
+    from audit.embed.storage import decode_embeddings
+
+    run: Path = first_run["run"]
+    assert "embeddings: 4 shards embedded now, 0 already current" in first_run["stdout"]
+    for shard in SHARDS:
+        samples = pq.read_table(run / "samples" / f"{shard}.parquet", columns=["sample_id", "image_png"])
+        table = pq.read_table(run / TABLE / f"{shard}.parquet")
+        assert table.column("sample_id").to_pylist() == samples.column("sample_id").to_pylist()
+        assert table.schema.metadata[b"model_id"] == b"builtin:testbed-copy"
+        assert RunStore(run).read_marker(TABLE, shard)["model_id"] == "builtin:testbed-copy"
+    stage = EmbedStage(EmbeddingSection(device="cpu"))
+    direct = stage({"image": np.array(samples.column("image_png").to_pylist(), dtype=object)})["embedding"]
+    assert np.array_equal(decode_embeddings(table.column("embedding"), 768), direct)
+    joined = duckdb.sql(f"select count(*), count(distinct e.sample_id), min(octet_length(e.embedding)) "
+                        f"from read_parquet('{run}/samples/*.parquet') s "
+                        f"join read_parquet('{run}/embeddings/*.parquet') e using (sample_id)").fetchall()[0]
+    assert joined == (32, 32, 2 * 768)
 
 
 def test_deleted_shard_is_regenerated_byte_identical(first_run: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

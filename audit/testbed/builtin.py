@@ -57,15 +57,27 @@ def builtin_checkpoint(name: str) -> Path:
     if (folder / "model_index.json").is_file():
         return folder
     log.info("building built-in checkpoint %s into %s", name, folder)
-    tmp = folder.with_name(f".{folder_name}.tmp-{uuid.uuid4().hex[:8]}")
+    return cached_build(folder_name, build)
+
+
+def cached_build(name: str, build: Callable[[Path], object]) -> Path:
+    """``cache_root()/builtin/<name>``, built by ``build(path)`` on first use. The result is
+    written under a temporary name and renamed, so concurrent builders never see half of it."""
+    final = cache_root() / "builtin" / name
+    if final.exists():
+        return final
+    tmp = final.with_name(f".{name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         build(tmp)
-        folder.parent.mkdir(parents=True, exist_ok=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.rename(tmp, folder)
+            os.rename(tmp, final)
         except OSError:
-            if not (folder / "model_index.json").is_file():
+            if not final.exists():
                 raise  # not a lost race with another builder
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    return final

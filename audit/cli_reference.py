@@ -1,0 +1,118 @@
+"""``memaudit reference ...``: build the training-set side (embeddings, faiss index, dup counts)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from audit.config import AuditConfig
+from audit.errors import InputError
+
+
+def add_parser(commands: argparse._SubParsersAction, with_config: Callable[[argparse.ArgumentParser], None]) -> None:
+    reference = commands.add_parser("reference", help="the training-set side: embed, index, duplicate counts")
+    actions = reference.add_subparsers(dest="action", required=True, metavar="ACTION")
+    embed = actions.add_parser("embed", help="embed an img2dataset output folder into the LAION layout (on Ray)")
+    embed.add_argument("source", type=Path, help="img2dataset output folder (webdataset or parquet format)")
+    embed.add_argument("out", type=Path, help="reference folder to write (img_emb/, metadata/, rejected/)")
+    embed.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    with_config(embed)
+    index = actions.add_parser("index", help="build faiss index shards and a manifest for an embedding folder")
+    index.add_argument("folder", type=Path, help="embedding folder (memaudit's or precomputed LAION embeddings)")
+    index.add_argument("--out", type=Path, help="index folder (default: FOLDER/index)")
+    index.add_argument("--factory", help="faiss factory string (overrides reference.index_factory)")
+    with_config(index)
+    dups = actions.add_parser("dups", help="near-duplicate count of every reference item (needs the index)")
+    dups.add_argument("folder", type=Path)
+    with_config(dups)
+    validate = actions.add_parser("validate", help="check an embedding folder and report bad rows")
+    validate.add_argument("folder", type=Path)
+    testbed = actions.add_parser("testbed", help="the testbed's training set as a reference: embed, index, dups")
+    testbed.add_argument("out", type=Path, help="reference folder to write")
+    with_config(testbed)
+
+
+def run(args: argparse.Namespace, cfg: AuditConfig | None) -> int:
+    if args.action == "validate":
+        return _validate(args.folder)
+    assert cfg is not None
+    if args.action == "embed":
+        return _embed(cfg, args.source, args.out, args.address)
+    if args.action == "index":
+        return _index(cfg, args.folder, args.out, args.factory)
+    if args.action == "dups":
+        return _dups(cfg, args.folder)
+    return _testbed(cfg, args.out)
+
+
+def _embed(cfg: AuditConfig, source: Path, out: Path, address: str | None) -> int:
+    from audit.pipeline.reference import embed_reference
+
+    report = embed_reference(cfg, source, out, address)
+    rejected = ", ".join(f"{n} {reason}" for reason, n in report.rejected.most_common()) or "none"
+    print(f"reference: {out}")
+    print(f"shards: {report.shards_written} embedded now, {report.shards_skipped} of {report.shards_total} already "
+          f"complete; images embedded: {report.embedded}; rejected: {rejected}"
+          + (f"; {report.images_per_second:.1f} images/s" if report.window_s else ""))
+    if report.shards_failed:
+        name, why = next(iter(report.shards_failed.items()))
+        print(f"memaudit: {len(report.shards_failed)} shards failed (e.g. {name}: {why}); run again to retry them")
+        return 1
+    return 0
+
+
+def _index(cfg: AuditConfig, folder: Path, out: Path | None, factory: str | None) -> int:
+    from audit.reference.index import build_index
+
+    section = cfg.reference if factory is None else cfg.reference.model_copy(update={"index_factory": factory})
+    manifest = build_index(folder, section, out)
+    print(f"index: {(out or folder / 'index') / 'manifest.json'}")
+    print(f"{manifest['count']} vectors (dim {manifest['embedding']['dim']}, {manifest['embedding']['model_id']}) in "
+          f"{len(manifest['shards'])} shards, {manifest['factory']}; {manifest['excluded']} rows excluded, "
+          f"{manifest['renormalised']} re-normalised, {manifest['duplicate_keys']} duplicate keys")
+    return 0
+
+
+def _dups(cfg: AuditConfig, folder: Path) -> int:
+    from audit.reference.dups import write_dups
+    from audit.reference.search import ReferenceIndex
+
+    histogram = write_dups(folder, ReferenceIndex(folder), cfg.reference.dup_threshold)
+    top = sorted(((int(k), v) for k, v in histogram.items() if k != "excluded"), reverse=True)[:5]
+    print(f"dups: {folder / 'dups'} (cosine >= {cfg.reference.dup_threshold})")
+    print("most duplicated: " + ", ".join(f"{v} items with {k} duplicates" for k, v in top))
+    return 0
+
+
+def _validate(folder: Path) -> int:
+    from collections import Counter
+
+    from audit.reference.folder import validate_folder
+
+    check = validate_folder(folder)
+    reasons = Counter(reason.split(":")[0] for reason in check.excluded.values())
+    print(json.dumps({"folder": str(folder), "files": len(check.files), "rows": check.total_rows, "dim": check.dim,
+                      "dtype": check.dtype, "model_id": check.model_id, "excluded": dict(reasons),
+                      "renormalised": check.renormalised_rows, "duplicate_keys": check.duplicate_keys}, indent=2))
+    return 0
+
+
+def _testbed(cfg: AuditConfig, out: Path) -> int:
+    from audit.reference.testbed import SOURCE_DIR, write_training_set
+    from audit.testbed.builtin import testbed_folder
+    from audit.testbed.dataset import build_dataset
+    from audit.testbed.train import spec_from_dict
+
+    if out.exists() and any(p.name != SOURCE_DIR for p in out.iterdir()) and not (out / "embedding.json").exists():
+        raise InputError(f"{out}: folder exists and is not a reference folder; choose a new folder")
+    metrics = json.loads((testbed_folder() / "metrics.json").read_text())
+    spec = spec_from_dict(metrics["training"]["spec"])
+    source = write_training_set(build_dataset(spec.dataset, spec.seed), out / SOURCE_DIR)
+    for step in (lambda: _embed(cfg, source, out, None), lambda: _index(cfg, out, None, None),
+                 lambda: _dups(cfg, out)):
+        code = step()
+        if code:
+            return code
+    return 0

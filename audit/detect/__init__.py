@@ -1,0 +1,1 @@
+"""Detection: kNN join, within-prompt cliques, copy similarity, verification, prompt scores."""

@@ -1,0 +1,150 @@
+"""Detection for one samples/ shard: cliques, verification, prompt scores (Ray-free).
+
+Reads the shard's samples, embeddings and neighbours, writes ``matches/`` (every verified pair
+with its measures and label) and ``prompt_scores/`` (one row per prompt), each published
+atomically with its marker.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from audit.config import AuditConfig
+from audit.detect import verify
+from audit.detect.cliques import copy_graph, largest_clique
+from audit.detect.scores import clique_min, memorization_score
+from audit.embed.storage import decode_embeddings
+from audit.reference.images import ReferenceImages
+from audit.reference.vectors import VectorStore
+from audit.schema import MATCHES, PROMPT_SCORES, STATUS_ERROR, STATUS_OK
+from audit.similarity import pairwise_tiled_l2
+from audit.store import RunStore
+
+log = logging.getLogger(__name__)
+MATCHES_TABLE, SCORES_TABLE = "matches", "prompt_scores"
+
+
+class Detector:
+    """Holds what every shard needs: the config, the reference vectors and images."""
+
+    def __init__(self, cfg: AuditConfig, store: RunStore, reference_root: Path | None, manifest: dict[str, Any] | None):
+        self.cfg, self.store = cfg, store
+        self.det = cfg.detection
+        prompts = pq.read_table(store.path / "prompts" / "prompts.parquet", columns=["prompt_id", "prompt", "key"])
+        self.prompts = {p: (t, k) for p, t, k in zip(*(prompts.column(c).to_pylist() for c in ("prompt_id", "prompt", "key")))}
+        self.vectors = self.images = None
+        if reference_root is not None and manifest is not None:
+            files = manifest["files"]
+            self.vectors = VectorStore([reference_root / f["npy"] for f in files], [f["first_row"] for f in files])
+            self.images = ReferenceImages(reference_root, manifest)
+
+    def run(self, shard: str, **extra: Any) -> dict[str, Any]:
+        samples = pq.read_table(self.store.shard_path("samples", shard),
+                                columns=["sample_id", "prompt_id", "image_png", "noise_magnitude", "status"]).to_pydict()
+        embeddings = pq.read_table(self.store.shard_path("embeddings", shard))
+        dim = int(embeddings.schema.field("embedding").metadata[b"dim"])
+        sample_emb = dict(zip(embeddings.column("sample_id").to_pylist(),
+                              decode_embeddings(embeddings.column("embedding"), dim)))
+        neighbors = self._neighbors(shard)
+        by_prompt: dict[str, list[int]] = defaultdict(list)
+        for i, pid in enumerate(samples["prompt_id"]):
+            by_prompt[pid].append(i)
+        self.store.invalidate(MATCHES_TABLE, shard)
+        self.store.invalidate(SCORES_TABLE, shard)
+        score_rows: list[dict[str, Any]] = []
+        with self.store.open_shard(MATCHES_TABLE, shard, MATCHES) as matches:
+            for pid, members in by_prompt.items():
+                pairs: list[dict[str, Any]] = []
+                score_rows.append(self._prompt(pid, members, samples, sample_emb, neighbors, pairs))
+                if pairs:
+                    matches.write({name: [p[name] for p in pairs] for name in MATCHES.names})
+            matches.commit(**extra)
+        # prompt_scores is published last: its marker means "detection done for this shard"
+        with self.store.open_shard(SCORES_TABLE, shard, PROMPT_SCORES) as scores:
+            scores.write({name: [r[name] for r in score_rows] for name in PROMPT_SCORES.names})
+            return scores.commit(**extra)
+
+    def _neighbors(self, shard: str) -> dict[str, list[tuple[int, int, str | None, float]]]:
+        out: dict[str, list[tuple[int, int, str | None, float]]] = defaultdict(list)
+        path = self.store.shard_path("neighbors", shard)
+        if not path.exists():
+            return out
+        table = pq.read_table(path, columns=["sample_id", "rank", "row", "key", "score"]).to_pydict()
+        for sid, rank, row, key, score in zip(table["sample_id"], table["rank"], table["row"], table["key"], table["score"]):
+            out[sid].append((rank, row, key, score))
+        return out
+
+    def _prompt(self, pid: str, members: list[int], samples: dict[str, list[Any]], sample_emb: dict[str, np.ndarray],
+                neighbors: dict[str, list[tuple[int, int, str | None, float]]], pairs: list[dict[str, Any]]) -> dict[str, Any]:
+        ok = [i for i in members if samples["status"][i] == STATUS_OK]
+        minimum = clique_min(self.det.clique_min, len(members))
+        row: dict[str, Any] = {"prompt_id": pid, "n_samples": len(members), "clique_min": minimum,
+                               "status": STATUS_OK, "error": None}
+        noise = [samples["noise_magnitude"][i] for i in ok]
+        row["noise_magnitude"] = float(np.nanmean(noise)) if noise and not np.all(np.isnan(noise)) else None
+        clique = self._clique([samples["image_png"][i] for i in ok])
+        row.update(clique_size=clique.size, clique_exact=clique.exact, clique_upper=clique.upper_bound)
+        prompt, prompt_key = self.prompts.get(pid, ("", None))
+        best_label: dict[str, str] = {}
+        cosines, splits, l2s = [], [], []
+        for i in ok:
+            sid = samples["sample_id"][i]
+            found = sorted(neighbors.get(sid, []))
+            if found:
+                cosines.append(found[0][3])
+            for rank, ref_row, key, _ in found[: self.det.verify_top]:
+                pair = self._verify(sid, pid, rank, ref_row, key, samples["image_png"][i], sample_emb.get(sid),
+                                    prompt, prompt_key)
+                pairs.append(pair)
+                if pair["status"] == STATUS_OK:
+                    splits.append(pair["split_product"])
+                    l2s.append(pair["tiled_l2"])
+                    if verify.LABEL_ORDER[pair["label"]] > verify.LABEL_ORDER[best_label.get(sid, verify.NONE)]:
+                        best_label[sid] = pair["label"]
+        labels = list(best_label.values())
+        # With a reference set, clique members that are verified copies of *another* training image
+        # are evidence about that image's caption, not this prompt's (Webster's retrieved verbatim).
+        retrieved = {samples["sample_id"][ok[j]] for j in range(len(ok))
+                     if best_label.get(samples["sample_id"][ok[j]]) == verify.RETRIEVED}
+        clique_own = [m for m in clique.members if samples["sample_id"][ok[m]] not in retrieved]
+        row.update(best_cosine=max(cosines) if cosines else None, best_split_product=max(splits) if splits else None,
+                   min_tiled_l2=min(l2s) if l2s else None, n_matching=labels.count(verify.MATCHING),
+                   n_retrieved=labels.count(verify.RETRIEVED), n_template=labels.count(verify.TEMPLATE))
+        row["score"] = memorization_score(len(members), row["n_matching"], len(clique_own), minimum)
+        row["flagged"] = row["score"] >= self.det.flag_score
+        return row
+
+    def _clique(self, pngs: list[bytes]) -> Any:
+        if len(pngs) < 2:
+            return largest_clique(np.zeros((len(pngs), len(pngs)), bool))
+        images = [Image.open(io.BytesIO(p)).convert("RGB") for p in pngs]
+        side = verify.common_size(images[0].size, images[0].size, self.det.verify_size, self.det.tile_grid)
+        stack = np.stack([np.asarray(im if im.size == (side, side) else im.resize((side, side))) for im in images])
+        return largest_clique(copy_graph(pairwise_tiled_l2(stack, self.det.tile_grid), self.det.clique_delta))
+
+    def _verify(self, sid: str, pid: str, rank: int, ref_row: int, key: str | None, png: bytes,
+                emb: np.ndarray | None, prompt: str, prompt_key: str | None) -> dict[str, Any]:
+        pair: dict[str, Any] = {"sample_id": sid, "prompt_id": pid, "rank": rank, "row": ref_row, "key": key,
+                                "own": False, "tiled_l2": None, "rms": None, "cosine": None, "split_product": None,
+                                "label": verify.NONE, "status": STATUS_OK, "error": None}
+        if self.images is None or self.vectors is None:
+            return pair | {"status": STATUS_ERROR, "error": "no reference set configured (reference.path)"}
+        ref_key, caption, ref_png = self.images.get(np.array([ref_row]))[ref_row]
+        pair["key"] = ref_key
+        pair["own"] = verify.is_own(prompt, prompt_key, caption, ref_key)
+        if ref_png is None or emb is None:
+            why = "reference image not available (precomputed embeddings without images)" if ref_png is None \
+                else "sample has no embedding"
+            return pair | {"status": STATUS_ERROR, "error": why}
+        measures = verify.compare(png, ref_png, emb, self.vectors.get(np.array([ref_row]))[0], self.det)
+        pair.update({k: measures[k] for k in ("tiled_l2", "rms", "cosine", "split_product")})
+        pair["label"] = verify.label(measures["tiled_l2"], measures["split_product"], pair["own"], self.det)
+        return pair

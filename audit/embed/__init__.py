@@ -1,0 +1,1 @@
+"""Image embeddings: robust decoding, open_clip and copy-detection models, the embedding stage."""

@@ -1,0 +1,192 @@
+"""Detection on Ray: the kNN join (one actor per index shard) and per-shard detection actors.
+
+The join fans each batch of sample embeddings out to every index-shard actor (each holds its
+shards memory-mapped, loaded once), merges the per-shard top-k with the pure
+:func:`audit.reference.search.merge_topk` and writes ``neighbors/`` shards. With fewer actors than
+index shards, each actor holds several shards. An actor that dies is restarted with the same
+shards and the batch is retried. Detection (cliques, verification, scores) then runs per samples
+shard on a pool of CPU actors. Every output shard records the hashes of its inputs, so a shard is
+redone when what it was computed from changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+from ray.exceptions import RayActorError
+
+from audit.config import AuditConfig
+from audit.detect.join import check_compatible, neighbor_table, query_groups, shard_of_rows
+from audit.detect.shard import MATCHES_TABLE, SCORES_TABLE
+from audit.embed.storage import decode_embeddings
+from audit.pipeline.pool import ActorPool, ShardTask, StageActor, reason, run_tasks
+from audit.pipeline.ray_setup import cpu_actor_resources
+from audit.reference.index import INDEX_DIR, load_manifest
+from audit.store import RunStore
+
+log = logging.getLogger(__name__)
+NEIGHBORS_TABLE = "neighbors"
+
+
+@ray.remote(max_restarts=0)
+class IndexShardActor:
+    """Holds some index shards (memory-mapped where faiss allows) and searches them."""
+
+    def __init__(self, root: str, shards: list[int], nprobe: int, rerank: int, index_dir: str | None = None) -> None:
+        from audit.reference.search import ReferenceIndex
+
+        self.index = ReferenceIndex(Path(root), Path(index_dir) if index_dir else None, nprobe=nprobe,
+                                    rerank=rerank, only=shards)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        from audit.reference.search import merge_topk
+
+        return merge_topk([shard.search(queries, k) for shard in self.index.shards], k)
+
+    def peak_rss_bytes(self) -> int:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@ray.remote(max_restarts=0)
+class DetectWorker(StageActor):
+    def __init__(self, cfg: dict[str, Any], run_path: str) -> None:
+        from audit.detect.shard import Detector
+
+        super().__init__(cfg)
+        ref = Path(self.cfg.reference.path) if self.cfg.reference.path else None
+        manifest = load_manifest(ref / INDEX_DIR) if ref else None
+        self.detector = Detector(self.cfg, RunStore(run_path), ref, manifest)
+
+    def run(self, shard: str, inputs: dict[str, str]) -> dict[str, Any]:
+        return self.detector.run(shard, pid=os.getpid(), inputs=inputs)
+
+
+def input_hashes(store: RunStore, shard: str, tables: tuple[str, ...], extra: dict[str, str] | None = None) -> dict[str, str]:
+    hashes = {t: (store.read_marker(t, shard) or {}).get("sha256", "") for t in tables}
+    return hashes | (extra or {})
+
+
+def is_current(store: RunStore, table: str, shard: str, inputs: dict[str, str]) -> bool:
+    return store.is_complete(table, shard) and (store.read_marker(table, shard) or {}).get("inputs") == inputs
+
+
+def manifest_hash(root: Path) -> str:
+    return hashlib.sha256((root / INDEX_DIR / "manifest.json").read_bytes()).hexdigest()[:16]
+
+
+def join_neighbors(store: RunStore, cfg: AuditConfig, names: list[str]) -> dict[str, Any]:
+    """Write ``neighbors/`` for every embedded shard whose neighbours are missing or stale."""
+    root = Path(str(cfg.reference.path))
+    manifest = load_manifest(root / INDEX_DIR)
+    ref_hash = {"index": manifest_hash(root), "k": str(cfg.detection.k)}
+    todo: dict[str, int] = {}
+    for name in names:
+        marker = store.read_marker("embeddings", name)
+        if marker is None or not store.is_complete("embeddings", name):
+            continue
+        check_compatible(manifest, marker["model_id"], int(marker["dim"]), f"reference.path {root}")
+        if not is_current(store, NEIGHBORS_TABLE, name, input_hashes(store, name, ("embeddings",), ref_hash)):
+            todo[name] = int(marker["rows"])
+    report = {"shards_written": 0, "shards_skipped": len(names) - len(todo), "queries": 0}
+    if not todo:
+        return report
+    shards = [s["shard"] for s in manifest["shards"]]
+    n_actors = _join_workers(cfg, len(shards))
+    assignment = [shards[i::n_actors] for i in range(n_actors)]
+    args = [(str(root), part, cfg.reference.nprobe, cfg.reference.rerank) for part in assignment]
+    actors = [IndexShardActor.options(num_cpus=0.5).remote(*a) for a in args]
+    from audit.reference.images import ReferenceImages
+
+    keys = ReferenceImages(root, manifest)
+    try:
+        for group in query_groups(todo, cfg.detection.join_batch):
+            sample_ids, prompt_ids, queries, owners = [], [], [], []
+            for name in group:
+                table = pq.read_table(store.shard_path("embeddings", name))
+                dim = int(table.schema.field("embedding").metadata[b"dim"])
+                sample_ids += table.column("sample_id").to_pylist()
+                prompt_ids += table.column("prompt_id").to_pylist()
+                queries.append(decode_embeddings(table.column("embedding"), dim).astype(np.float32))
+                owners += [name] * table.num_rows
+            q = np.concatenate(queries)
+            scores, rows = _fan_out(actors, args, q, cfg.detection.k, cfg.compute.max_attempts)
+            ok = np.linalg.norm(q, axis=1) > 0  # samples without an embedding get no neighbours
+            rows[~ok] = -1
+            owner = np.array(owners)
+            for name in group:
+                sel = np.flatnonzero(owner == name)
+                table = neighbor_table([sample_ids[i] for i in sel], [prompt_ids[i] for i in sel], scores[sel],
+                                       rows[sel], keys.keys(rows[sel]), shard_of_rows(manifest, rows[sel]))
+                store.invalidate(NEIGHBORS_TABLE, name)
+                with store.open_shard(NEIGHBORS_TABLE, name, table.schema) as writer:
+                    writer.write(table)
+                    writer.commit(inputs=input_hashes(store, name, ("embeddings",), ref_hash), queries=int(sel.size))
+                report["shards_written"] += 1
+            report["queries"] += int(q.shape[0])
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    return report
+
+
+def _join_workers(cfg: AuditConfig, n_shards: int) -> int:
+    if cfg.detection.join_workers != "auto":
+        return max(1, min(int(cfg.detection.join_workers), n_shards))
+    return max(1, min(n_shards, int(ray.cluster_resources().get("CPU", 1))))
+
+
+def _fan_out(actors: list[Any], args: list[tuple[Any, ...]], queries: np.ndarray, k: int,
+             max_attempts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Search every actor; a dead actor is restarted with the same shards and asked again."""
+    from audit.reference.search import merge_topk
+
+    ref = ray.put(queries)
+    parts = []
+    for i in range(len(actors)):
+        for attempt in range(1, max_attempts + 1):
+            try:
+                parts.append(ray.get(actors[i].search.remote(ref, k)))
+                break
+            except RayActorError as exc:
+                log.warning("index shard actor %d died (%s); restarting it (attempt %d)", i, reason(exc), attempt)
+                actors[i] = IndexShardActor.options(num_cpus=0.5).remote(*args[i])
+                if attempt == max_attempts:
+                    raise RuntimeError(f"index shard actor {i} failed {max_attempts} times: {reason(exc)}") from None
+    return merge_topk(parts, k)
+
+
+def detect(store: RunStore, cfg: AuditConfig, names: list[str], sizes: dict[str, int]) -> dict[str, Any]:
+    """Cliques, verification and prompt scores for every shard whose inputs changed."""
+    extra = {"detection": hashlib.sha256(json.dumps(cfg.detection.model_dump(mode="json"), sort_keys=True)
+                                         .encode()).hexdigest()[:16]}
+    tables = ("samples", "embeddings", NEIGHBORS_TABLE) if cfg.reference.path else ("samples", "embeddings")
+    todo = []
+    for name in names:
+        if not all(store.is_complete(t, name) for t in tables):
+            continue
+        inputs = input_hashes(store, name, tables, extra)
+        if not is_current(store, SCORES_TABLE, name, inputs):
+            todo.append(ShardTask(name, (name, inputs), sizes.get(name, 1)))
+    report: dict[str, Any] = {"shards_written": 0, "shards_skipped": len(names) - len(todo), "failed": {}}
+    if not todo:
+        return report
+    n_workers = max(1, min(len(todo), int(ray.cluster_resources().get("CPU", 1)) // 2))
+    resources = cpu_actor_resources(cfg.compute.cpus_per_worker, n_workers)
+    pool = ActorPool(DetectWorker, (cfg.to_dict(), str(store.path)), resources, "detection")
+    done = run_tasks(pool, n_workers, todo, cfg.compute.max_attempts, "img", "detect")
+    report["shards_written"] = len(done.markers)
+    report["failed"] = done.failed
+    return report
+
+
+__all__ = ["MATCHES_TABLE", "NEIGHBORS_TABLE", "SCORES_TABLE", "detect", "join_neighbors"]

@@ -1,0 +1,44 @@
+"""Starting or joining Ray."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+LOOPBACK = "127.0.0.1"
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Join the Ray cluster at ``address`` (or ``$RAY_ADDRESS``, as set by ``ray job submit``),
+    else start a local one bound to the loopback interface. Returns True if it started Ray."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    _loopback_only()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK, log_to_driver=True)
+    return True
+
+
+def _loopback_only() -> None:
+    # Ray resolves "127.0.0.1" to the machine's routable address unless multi-node clusters are
+    # off; turning them off (for this process and the workers it spawns) makes every Ray
+    # process of a local instance listen on 127.0.0.1 only.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def cpu_actor_resources(cpus_per_worker: int | str, n_workers: int) -> dict[str, float]:
+    """CPU actors share the cluster's CPUs evenly unless a count is configured."""
+    from audit.errors import InputError
+
+    total = int(ray.cluster_resources().get("CPU", 1))
+    cpus = max(1, total // n_workers) if cpus_per_worker == "auto" else int(cpus_per_worker)
+    if cpus > total:
+        raise InputError(f"compute.cpus_per_worker: {cpus} but the Ray cluster has {total} CPUs; lower it or use auto")
+    return {"num_cpus": cpus}

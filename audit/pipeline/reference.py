@@ -1,0 +1,99 @@
+"""``memaudit reference embed`` on Ray: one task per img2dataset shard, resumable per shard."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from audit.config import AuditConfig
+from audit.errors import InputError
+from audit.pipeline.pool import ActorPool, ShardTask, StageActor, run_tasks
+from audit.pipeline.ray_setup import connect, cpu_actor_resources
+from audit.reference.folder import read_embedding_json, shard_complete, write_embedding_json
+from audit.reference.sources import SourceShard, find_shards
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(max_restarts=0)
+class ReferenceEmbedWorker(StageActor):
+    """A Ray actor holding one embedding model; it embeds whole img2dataset shards."""
+
+    def __init__(self, cfg: dict[str, Any], root: str, device: str) -> None:
+        from audit.embed.stage import EmbedStage
+
+        super().__init__(cfg)
+        self.root = Path(root)
+        self.stage = EmbedStage(self.cfg.embedding, device)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "model_id": self.stage.model_id}
+
+    def run(self, shard: SourceShard, index: int) -> dict[str, Any]:
+        from audit.reference.embed_shard import embed_source_shard
+
+        return embed_source_shard(self.stage, self.root, shard, index, pid=os.getpid())
+
+
+@dataclass
+class ReferenceEmbedReport:
+    shards_total: int = 0
+    shards_skipped: int = 0
+    shards_written: int = 0
+    shards_failed: dict[str, str] = field(default_factory=dict)
+    embedded: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+    window_s: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.embedded + sum(self.rejected.values())) / self.window_s if self.window_s else 0.0
+
+
+def embed_reference(cfg: AuditConfig, source: Path, out: Path, address: str | None = None) -> ReferenceEmbedReport:
+    """Embed an img2dataset output folder into the LAION layout under ``out``."""
+    from audit.embed.models import describe
+
+    started_at = time.time()
+    shards = find_shards(source, cfg.reference.input_format)
+    model_id = describe(cfg.embedding)
+    recorded = read_embedding_json(out)
+    if recorded and recorded.get("model_id") != model_id:
+        raise InputError(f"{out}: was embedded with {recorded.get('model_id')}, not {model_id}; write to a new "
+                         "folder (one reference folder holds one embedding model)")
+    todo = [(s, int(s.name)) for s in shards if not shard_complete(out, int(s.name))]
+    report = ReferenceEmbedReport(shards_total=len(shards), shards_skipped=len(shards) - len(todo))
+    if not todo:
+        log.info("reference: all %d shards embedded; nothing to do", len(shards))
+        return report
+    started = connect(address or cfg.compute.address)
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        use_gpu = gpus > 0 and cfg.embedding.device in {"auto", "cuda"}
+        device = "cuda" if use_gpu else ("cpu" if cfg.embedding.device == "auto" else cfg.embedding.device)
+        n_workers = max(1, int(gpus)) if use_gpu else 1
+        resources = {"num_gpus": 1.0, "num_cpus": 1} if use_gpu else cpu_actor_resources(cfg.compute.cpus_per_worker, 1)
+        pool = ActorPool(ReferenceEmbedWorker, (cfg.to_dict(), str(out), device), resources, "reference embedding")
+        tasks = [ShardTask(f"shard {s.name}", (s, i), 1) for s, i in todo]
+        done = run_tasks(pool, min(n_workers, len(tasks)), tasks, cfg.compute.max_attempts, "shard", "embed reference")
+    finally:
+        if started:
+            ray.shutdown()
+    for marker in done.markers:
+        report.shards_written += 1
+        report.embedded += int(marker["embedded"])
+        report.rejected.update(marker.get("rejected_by_reason", {}))
+    if done.markers:
+        write_embedding_json(out, model_id, int(done.markers[0]["dim"]))
+    report.shards_failed = done.failed
+    report.window_s = done.window_s
+    report.seconds = time.time() - started_at
+    return report

@@ -1,0 +1,118 @@
+"""Embedding one img2dataset shard into one LAION-layout file pair (Ray-free).
+
+Source shard number i becomes ``img_emb_{i}.npy`` + ``metadata_{i}.parquet`` (the rows that
+embedded) and ``rejected_{i}.parquet`` (the rows that did not, each with its stage and reason);
+their row counts add up to the source's. Files are written under temporary names and renamed;
+the marker comes last, so a crash leaves the shard to be redone, never half-published.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from audit.embed.stage import EmbedStage
+from audit.reference.folder import emb_path, marker_path, meta_path, rejected_path, save_npy_atomic
+from audit.reference.sources import SourceShard, read_chunks
+from audit.store import tmp_path, write_bytes_atomic
+
+METADATA = pa.schema([
+    pa.field("key", pa.string()),
+    pa.field("url", pa.string()),
+    pa.field("caption", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("note", pa.string()),
+    pa.field("source_shard", pa.string()),
+])
+REJECTED = pa.schema([
+    pa.field("key", pa.string()),
+    pa.field("url", pa.string()),
+    pa.field("caption", pa.string()),
+    pa.field("stage", pa.string()),  # "download" (img2dataset) or "decode" (memaudit)
+    pa.field("reason", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("source_shard", pa.string()),
+])
+
+
+def _write_parquet(path: Path, rows: dict[str, list[Any]], schema: pa.Schema) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    try:
+        pq.write_table(pa.Table.from_pydict(rows, schema=schema), tmp, compression="zstd")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.stat().st_size
+
+
+def embed_source_shard(stage: EmbedStage, root: Path, shard: SourceShard, index: int,
+                       chunk_rows: int = 256, **extra: Any) -> dict[str, Any]:
+    """Embed every row of ``shard`` and publish file pair ``index``; returns the marker."""
+    started = time.time()
+    marker_path(root, index).unlink(missing_ok=True)
+    vectors: list[np.ndarray] = []
+    meta: dict[str, list[Any]] = {name: [] for name in METADATA.names}
+    rejected: dict[str, list[Any]] = {name: [] for name in REJECTED.names}
+    for rows in read_chunks(shard, chunk_rows):
+        downloaded = [i for i, err in enumerate(rows["download_error"]) if err is None]
+        for i, err in enumerate(rows["download_error"]):
+            if err is not None:
+                _reject(rejected, rows, i, "download", err, shard.name)
+        out = stage({"image": np.array([rows["image"][i] for i in downloaded], dtype=object)})
+        ok = [j for j, err in enumerate(out["error"]) if err is None]
+        for j, err in enumerate(out["error"]):
+            if err is not None:
+                _reject(rejected, rows, downloaded[j], "decode", err, shard.name)
+        for j in ok:
+            i = downloaded[j]
+            for name in ("key", "url", "caption"):
+                meta[name].append(rows[name][i])
+            meta["width"].append(int(out["width"][j]))
+            meta["height"].append(int(out["height"][j]))
+            meta["note"].append(out["note"][j])
+            meta["source_shard"].append(shard.name)
+        vectors.append(out["embedding"][ok])
+    matrix = np.concatenate(vectors) if vectors else np.zeros((0, stage.dim), np.float16)
+    emb_bytes = save_npy_atomic(emb_path(root, index), matrix.astype(np.float16))
+    meta_bytes = _write_parquet(meta_path(root, index), meta, METADATA)
+    _write_parquet(rejected_path(root, index), rejected, REJECTED)
+    marker = {
+        "index": index,
+        "source": str(shard.path),
+        "source_format": shard.format,
+        "embedded": int(matrix.shape[0]),
+        "rejected": len(rejected["key"]),
+        "rejected_by_reason": dict(Counter(rejected["reason"])),
+        "model_id": stage.model_id,
+        "dim": stage.dim,
+        "emb_bytes": emb_bytes,
+        "meta_bytes": meta_bytes,
+        "started_at": started,
+        "finished_at": time.time(),
+        "host": socket.gethostname(),
+        **extra,
+    }
+    write_bytes_atomic(marker_path(root, index), json.dumps(marker, indent=2).encode())
+    return marker
+
+
+def _reject(rejected: dict[str, list[Any]], rows: dict[str, list[Any]], i: int, stage: str, error: str,
+            shard: str) -> None:
+    for name in ("key", "url", "caption"):
+        rejected[name].append(rows[name][i])
+    rejected["stage"].append(stage)
+    # decode errors read "<code>: ...", download errors "download: <img2dataset status>: ..."
+    parts = error.split(":")
+    rejected["reason"].append((parts[1] if stage == "download" and len(parts) > 2 else parts[0]).strip())
+    rejected["error"].append(error)
+    rejected["source_shard"].append(shard)
