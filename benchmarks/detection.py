@@ -51,6 +51,7 @@ def audit(work: Path, reference: Path, captions: list[str], samples: int, steps:
     from audit.config import load_config
     from audit.pipeline import run_audit
 
+    work.mkdir(parents=True, exist_ok=True)
     prompts = work / "prompts.txt"
     prompts.write_text("\n".join(captions) + "\n")
     cfg = load_config(None, [f"run.root={work / 'runs'}", f"prompts.source={prompts}",
