@@ -100,16 +100,11 @@ def _validate(folder: Path) -> int:
 
 
 def _testbed(cfg: AuditConfig, out: Path) -> int:
-    from audit.reference.testbed import SOURCE_DIR, write_training_set
-    from audit.testbed.builtin import testbed_folder
-    from audit.testbed.dataset import build_dataset
-    from audit.testbed.train import spec_from_dict
+    from audit.reference.testbed import SOURCE_DIR, write_shipped_training_set
 
     if out.exists() and any(p.name != SOURCE_DIR for p in out.iterdir()) and not (out / "embedding.json").exists():
         raise InputError(f"{out}: folder exists and is not a reference folder; choose a new folder")
-    metrics = json.loads((testbed_folder() / "metrics.json").read_text())
-    spec = spec_from_dict(metrics["training"]["spec"])
-    source = write_training_set(build_dataset(spec.dataset, spec.seed), out / SOURCE_DIR)
+    source = write_shipped_training_set(out)
     for step in (lambda: _embed(cfg, source, out, None), lambda: _index(cfg, out, None, None),
                  lambda: _dups(cfg, out)):
         code = step()

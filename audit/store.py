@@ -63,6 +63,18 @@ def write_bytes_atomic(final: Path, data: bytes) -> None:
     _fsync_dir(final.parent)
 
 
+def write_parquet_atomic(final: Path, table: pa.Table) -> int:
+    """Write a whole (small) Parquet file under a temporary name and rename it; returns its size."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(final)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final.stat().st_size
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -98,13 +110,7 @@ class RunStore:
     def write_table(self, table_name: str, file_name: str, table: pa.Table) -> Path:
         """Write a whole (small) table file atomically."""
         final = self.table_dir(table_name) / file_name
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_path(final)
-        try:
-            pq.write_table(table, tmp, compression="zstd")
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_parquet_atomic(final, table)
         return final
 
     def read_marker(self, table: str, shard: str) -> dict[str, Any] | None:
@@ -138,6 +144,16 @@ class RunStore:
             for status, count in marker.get("status_counts", {}).items():
                 totals[status] = totals.get(status, 0) + int(count)
         return totals
+
+    def inputs_of(self, shard: str, tables: tuple[str, ...], extra: dict[str, str] | None = None) -> dict[str, str]:
+        """What a derived shard is computed from: the sha256 of the same shard of ``tables`` (from
+        their markers) plus ``extra`` settings. Derived markers record it as ``inputs``."""
+        hashes = {t: (self.read_marker(t, shard) or {}).get("sha256", "") for t in tables}
+        return hashes | (extra or {})
+
+    def is_current(self, table: str, shard: str, inputs: dict[str, str]) -> bool:
+        """Complete and computed from ``inputs`` (a regenerated input or a changed setting redoes it)."""
+        return self.is_complete(table, shard) and (self.read_marker(table, shard) or {}).get("inputs") == inputs
 
     def invalidate(self, table: str, shard: str) -> None:
         """Mark a shard incomplete before it is rewritten (a crash then means 'redo it')."""

@@ -61,15 +61,13 @@ def resolve_device(device: str) -> str:
 def load_embedder(section: EmbeddingSection, device: str = "auto") -> Embedder:
     """Load the configured model (see :class:`audit.config.EmbeddingSection`)."""
     device = resolve_device(device if device != "auto" else section.device)
+    model_id = describe(section)  # also checks that the file or built-in exists
     if section.kind == "open_clip":
-        return _open_clip(section, device)
+        return _open_clip(section, device, model_id)
     if section.kind == "torchscript":
-        path = Path(section.model).expanduser()
-        if not path.is_file():
-            raise InputError(f"embedding.model: TorchScript file {path} does not exist")
-        return _torchscript(path, section.image_size, section.mean, section.std, device,
-                            f"torchscript:{path.name}:{file_sha256(path)[:12]}")
-    return _builtin(section.model, device)
+        return _torchscript(Path(section.model).expanduser(), section.image_size, section.mean, section.std,
+                            device, model_id)
+    return BUILTINS[section.model](device)
 
 
 def describe(section: EmbeddingSection) -> str:
@@ -98,8 +96,6 @@ def _torchscript(path: Path, size: int, mean: tuple[float, ...], std: tuple[floa
                  model_id: str) -> Embedder:
     from torchvision import transforms
 
-    if not path.is_file():
-        raise InputError(f"embedding.model: TorchScript file {path} does not exist")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # SSCD and friends ship as TorchScript
@@ -118,7 +114,7 @@ def _torchscript(path: Path, size: int, mean: tuple[float, ...], std: tuple[floa
     return Embedder(model_id, dim, device, preprocess, module)
 
 
-def _open_clip(section: EmbeddingSection, device: str) -> Embedder:
+def _open_clip(section: EmbeddingSection, device: str, model_id: str) -> Embedder:
     import open_clip
 
     pretrained = section.pretrained
@@ -142,7 +138,7 @@ def _open_clip(section: EmbeddingSection, device: str) -> Embedder:
                          f"(pretrained={section.pretrained!r}): {first}") from None
     model.eval()
     dim = int(getattr(model.visual, "output_dim", 0)) or _probe_dim(model, preprocess, device)
-    return Embedder(describe(section), dim, device, preprocess, model.encode_image)
+    return Embedder(model_id, dim, device, preprocess, model.encode_image)
 
 
 def _probe_dim(model: Any, preprocess: Callable[[Image.Image], torch.Tensor], device: str) -> int:
@@ -160,9 +156,3 @@ def _builtin_testbed_copy(device: str) -> Embedder:
 
 
 BUILTINS: dict[str, Callable[[str], Embedder]] = {"testbed-copy": _builtin_testbed_copy}
-
-
-def _builtin(name: str, device: str) -> Embedder:
-    if name not in BUILTINS:
-        raise InputError(f"embedding.model: unknown built-in embedder {name!r}; available: {', '.join(BUILTINS)}")
-    return BUILTINS[name](device)

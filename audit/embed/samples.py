@@ -30,17 +30,10 @@ def schema(dim: int, model_id: str) -> pa.Schema:
     ], metadata={"model_id": model_id, "dim": str(dim)})
 
 
-def _source_sha256(store: RunStore, shard: str) -> str | None:
-    return (store.read_marker(SOURCE, shard) or {}).get("sha256")
-
-
-def is_current(store: RunStore, shard: str, model_id: str) -> bool:
-    """Complete, made by ``model_id`` and from the samples shard as it is now (a changed model,
-    a regenerated or retried samples shard re-embeds)."""
-    if not store.is_complete(TABLE, shard):
-        return False
-    marker = store.read_marker(TABLE, shard) or {}
-    return marker.get("model_id") == model_id and marker.get("samples_sha256") == _source_sha256(store, shard)
+def inputs(store: RunStore, shard: str, model_id: str) -> dict[str, str]:
+    """The samples shard it is made from and the model: a changed model, a regenerated or retried
+    samples shard re-embeds."""
+    return store.inputs_of(shard, (SOURCE,), {"model_id": model_id})
 
 
 def embed_shard(stage: EmbedStage, store: RunStore, shard: str, **extra: object) -> dict[str, object]:
@@ -64,4 +57,4 @@ def embed_shard(stage: EmbedStage, store: RunStore, shard: str, **extra: object)
                 "error": errors,
             }))
         return writer.commit(model_id=stage.model_id, dim=stage.dim,
-                             samples_sha256=_source_sha256(store, shard), **extra)
+                             inputs=inputs(store, shard, stage.model_id), **extra)

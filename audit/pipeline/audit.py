@@ -22,7 +22,7 @@ from audit.generate.loading import resolve_numerics
 from audit.errors import InputError
 from audit.pipeline.detection import detect, join_neighbors
 from audit.pipeline.pool import ActorPool, ShardTask, StageActor, run_tasks
-from audit.pipeline.ray_setup import connect, cpu_actor_resources
+from audit.pipeline.ray_setup import connect, cpu_actor_resources, embedding_placement
 from audit.plan import ShardSpec
 from audit.runs import PreparedInputs, open_run, prepare_inputs
 from audit.schema import STATUS_ERROR
@@ -121,7 +121,7 @@ def run_audit(cfg: AuditConfig, address: str | None = None, retry_failed: bool =
         device, dtype = resolve_numerics(cfg.model, has_gpus)
         store = open_run(inputs, device.split(":")[0], dtype)
         report = generate_samples(store, inputs, device, dtype, retry_failed)
-        embedded = embed_samples(store, inputs, has_gpus)
+        embedded = embed_samples(store, inputs)
         names = [spec.name for spec in inputs.plan.shards()]
         sizes = {spec.name: len(spec.prompt_ids) * cfg.generation.samples_per_prompt for spec in inputs.plan.shards()}
         if cfg.reference.path:
@@ -227,7 +227,7 @@ def _record(report: GenerationReport, marker: dict[str, Any]) -> None:
         report.first_errors.append(f"{marker.get('shard')}: {errors} failed, e.g. {marker.get('first_error')}")
 
 
-def embed_samples(store: RunStore, inputs: PreparedInputs, has_gpus: bool) -> StepReport:
+def embed_samples(store: RunStore, inputs: PreparedInputs) -> StepReport:
     """Embed every complete samples/ shard whose embeddings/ shard is missing or was made by
     another embedding model."""
     from audit.embed.models import describe
@@ -236,19 +236,16 @@ def embed_samples(store: RunStore, inputs: PreparedInputs, has_gpus: bool) -> St
     model_id = describe(cfg.embedding)
     names = [spec.name for spec in inputs.plan.shards()]
     ready = [n for n in names if store.is_complete(gen_shard.TABLE, n)]
-    todo = [n for n in ready if not embed_samples_shard.is_current(store, n, model_id)]
+    todo = [n for n in ready if not store.is_current(embed_samples_shard.TABLE, n,
+                                                     embed_samples_shard.inputs(store, n, model_id))]
     report = StepReport(shards_total=len(names), shards_skipped=len(ready) - len(todo))
     if not todo:
         return report
-    device = "cuda" if has_gpus and cfg.embedding.device in {"auto", "cuda"} else cfg.embedding.device
-    device = "cpu" if device == "auto" else device
-    resources = ({"num_gpus": min(cfg.compute.gpus_per_worker, 1.0), "num_cpus": 1} if device.startswith("cuda")
-                 else cpu_actor_resources(cfg.compute.cpus_per_worker, 1))
+    device, resources, n_workers = embedding_placement(cfg.embedding.device, cfg.compute.cpus_per_worker)
     pool = ActorPool(SampleEmbedWorker, (cfg.to_dict(), str(store.path), device), resources, "embedding")
     per_prompt = cfg.generation.samples_per_prompt
     sizes = {spec.name: len(spec.prompt_ids) * per_prompt for spec in inputs.plan.shards()}
     tasks = [ShardTask(name, (name,), sizes[name]) for name in todo]
-    n_workers = int(ray.cluster_resources().get("GPU", 1)) if device.startswith("cuda") else 1
     done = run_tasks(pool, n_workers, tasks, cfg.compute.max_attempts, "img", "embed")
     report.shards_written = len(done.markers)
     report.shards_failed = done.failed

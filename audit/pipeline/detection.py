@@ -71,15 +71,6 @@ class DetectWorker(StageActor):
         return self.detector.run(shard, pid=os.getpid(), inputs=inputs)
 
 
-def input_hashes(store: RunStore, shard: str, tables: tuple[str, ...], extra: dict[str, str] | None = None) -> dict[str, str]:
-    hashes = {t: (store.read_marker(t, shard) or {}).get("sha256", "") for t in tables}
-    return hashes | (extra or {})
-
-
-def is_current(store: RunStore, table: str, shard: str, inputs: dict[str, str]) -> bool:
-    return store.is_complete(table, shard) and (store.read_marker(table, shard) or {}).get("inputs") == inputs
-
-
 def manifest_hash(root: Path) -> str:
     return hashlib.sha256((root / INDEX_DIR / "manifest.json").read_bytes()).hexdigest()[:16]
 
@@ -95,7 +86,7 @@ def join_neighbors(store: RunStore, cfg: AuditConfig, names: list[str]) -> dict[
         if marker is None or not store.is_complete("embeddings", name):
             continue
         check_compatible(manifest, marker["model_id"], int(marker["dim"]), f"reference.path {root}")
-        if not is_current(store, NEIGHBORS_TABLE, name, input_hashes(store, name, ("embeddings",), ref_hash)):
+        if not store.is_current(NEIGHBORS_TABLE, name, store.inputs_of(name, ("embeddings",), ref_hash)):
             todo[name] = int(marker["rows"])
     report = {"shards_written": 0, "shards_skipped": len(names) - len(todo), "queries": 0}
     if not todo:
@@ -130,7 +121,7 @@ def join_neighbors(store: RunStore, cfg: AuditConfig, names: list[str]) -> dict[
                 store.invalidate(NEIGHBORS_TABLE, name)
                 with store.open_shard(NEIGHBORS_TABLE, name, table.schema) as writer:
                     writer.write(table)
-                    writer.commit(inputs=input_hashes(store, name, ("embeddings",), ref_hash), queries=int(sel.size))
+                    writer.commit(inputs=store.inputs_of(name, ("embeddings",), ref_hash), queries=int(sel.size))
                 report["shards_written"] += 1
             report["queries"] += int(q.shape[0])
     finally:
@@ -174,8 +165,8 @@ def detect(store: RunStore, cfg: AuditConfig, names: list[str], sizes: dict[str,
     for name in names:
         if not all(store.is_complete(t, name) for t in tables):
             continue
-        inputs = input_hashes(store, name, tables, extra)
-        if not is_current(store, SCORES_TABLE, name, inputs):
+        inputs = store.inputs_of(name, tables, extra)
+        if not store.is_current(SCORES_TABLE, name, inputs):
             todo.append(ShardTask(name, (name, inputs), sizes.get(name, 1)))
     report: dict[str, Any] = {"shards_written": 0, "shards_skipped": len(names) - len(todo), "failed": {}}
     if not todo:

@@ -42,3 +42,13 @@ def cpu_actor_resources(cpus_per_worker: int | str, n_workers: int) -> dict[str,
     if cpus > total:
         raise InputError(f"compute.cpus_per_worker: {cpus} but the Ray cluster has {total} CPUs; lower it or use auto")
     return {"num_cpus": cpus}
+
+
+def embedding_placement(device_setting: str, cpus_per_worker: int | str) -> tuple[str, dict[str, float], int]:
+    """Where embedding actors run: (device, actor resources, how many). One actor per GPU when the
+    cluster has GPUs and the config allows them, else one CPU actor."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus > 0 and device_setting in {"auto", "cuda"}:
+        return "cuda", {"num_gpus": 1.0, "num_cpus": 1}, gpus
+    device = "cpu" if device_setting == "auto" else device_setting
+    return device, cpu_actor_resources(cpus_per_worker, 1), 1

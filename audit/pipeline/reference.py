@@ -15,7 +15,7 @@ import ray
 from audit.config import AuditConfig
 from audit.errors import InputError
 from audit.pipeline.pool import ActorPool, ShardTask, StageActor, run_tasks
-from audit.pipeline.ray_setup import connect, cpu_actor_resources
+from audit.pipeline.ray_setup import connect, embedding_placement
 from audit.reference.folder import read_embedding_json, shard_complete, write_embedding_json
 from audit.reference.sources import SourceShard, find_shards
 
@@ -76,11 +76,7 @@ def embed_reference(cfg: AuditConfig, source: Path, out: Path, address: str | No
         return report
     started = connect(address or cfg.compute.address)
     try:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        use_gpu = gpus > 0 and cfg.embedding.device in {"auto", "cuda"}
-        device = "cuda" if use_gpu else ("cpu" if cfg.embedding.device == "auto" else cfg.embedding.device)
-        n_workers = max(1, int(gpus)) if use_gpu else 1
-        resources = {"num_gpus": 1.0, "num_cpus": 1} if use_gpu else cpu_actor_resources(cfg.compute.cpus_per_worker, 1)
+        device, resources, n_workers = embedding_placement(cfg.embedding.device, cfg.compute.cpus_per_worker)
         pool = ActorPool(ReferenceEmbedWorker, (cfg.to_dict(), str(out), device), resources, "reference embedding")
         tasks = [ShardTask(f"shard {s.name}", (s, i), 1) for s, i in todo]
         done = run_tasks(pool, min(n_workers, len(tasks)), tasks, cfg.compute.max_attempts, "shard", "embed reference")

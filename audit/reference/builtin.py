@@ -7,7 +7,6 @@ the memaudit cache (written under a temporary name and renamed) and reused by ev
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from audit.config import load_config
@@ -21,14 +20,10 @@ def _build_testbed(folder: Path) -> None:
     from audit.reference.dups import write_dups
     from audit.reference.index import build_index
     from audit.reference.search import ReferenceIndex
-    from audit.reference.testbed import SOURCE_DIR, write_training_set
-    from audit.testbed.builtin import testbed_folder
-    from audit.testbed.dataset import build_dataset
-    from audit.testbed.train import spec_from_dict
+    from audit.reference.testbed import write_shipped_training_set
 
     cfg = load_config(None)  # the built-in defaults: builtin:testbed-copy embedding, Flat index
-    spec = spec_from_dict(json.loads((testbed_folder() / "metrics.json").read_text())["training"]["spec"])
-    source = write_training_set(build_dataset(spec.dataset, spec.seed), folder / SOURCE_DIR)
+    source = write_shipped_training_set(folder)
     report = embed_reference(cfg, source, folder)
     if report.shards_failed:
         raise RuntimeError(f"embedding the testbed reference failed: {report.shards_failed}")

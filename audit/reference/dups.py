@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from audit.reference.search import IndexShard, ReferenceIndex
-from audit.store import tmp_path
+from audit.store import write_parquet_atomic
 
 log = logging.getLogger(__name__)
 DUPS_DIR = "dups"
@@ -76,19 +76,11 @@ def write_dups(root: Path, reference: ReferenceIndex, threshold: float) -> dict[
     for f in reference.manifest["files"]:
         i = int(f["index"])
         meta = pq.read_table(root / f["metadata"])
-        columns = {"key": meta.column("key") if "key" in meta.column_names else pa.nulls(meta.num_rows, pa.string()),
-                   "caption": meta.column("caption") if "caption" in meta.column_names else pa.nulls(meta.num_rows, pa.string()),
-                   "url": meta.column("url") if "url" in meta.column_names else pa.nulls(meta.num_rows, pa.string()),
-                   "row": pa.array(np.arange(f["first_row"], f["first_row"] + f["rows"]), pa.int64()),
-                   "dup_count": pa.array(counts[i], pa.int64())}
-        final = dups_path(root, i)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_path(final)
-        try:
-            pq.write_table(pa.table(columns), tmp)
-            tmp.replace(final)
-        finally:
-            tmp.unlink(missing_ok=True)
+        columns = {name: meta.column(name) if name in meta.column_names else pa.nulls(meta.num_rows, pa.string())
+                   for name in ("key", "caption", "url")}
+        columns["row"] = pa.array(np.arange(f["first_row"], f["first_row"] + f["rows"]), pa.int64())
+        columns["dup_count"] = pa.array(counts[i], pa.int64())
+        write_parquet_atomic(dups_path(root, i), pa.table(columns))
         for value in counts[i]:
             bucket = "excluded" if value < 0 else str(int(value))
             histogram[bucket] = histogram.get(bucket, 0) + 1

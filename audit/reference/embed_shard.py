@@ -17,12 +17,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from audit.embed.stage import EmbedStage
 from audit.reference.folder import emb_path, marker_path, meta_path, rejected_path, save_npy_atomic
 from audit.reference.sources import SourceShard, read_chunks
-from audit.store import tmp_path, write_bytes_atomic
+from audit.store import write_bytes_atomic, write_parquet_atomic
 
 METADATA = pa.schema([
     pa.field("key", pa.string()),
@@ -45,14 +44,7 @@ REJECTED = pa.schema([
 
 
 def _write_parquet(path: Path, rows: dict[str, list[Any]], schema: pa.Schema) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    try:
-        pq.write_table(pa.Table.from_pydict(rows, schema=schema), tmp, compression="zstd")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path.stat().st_size
+    return write_parquet_atomic(path, pa.Table.from_pydict(rows, schema=schema))
 
 
 def embed_source_shard(stage: EmbedStage, root: Path, shard: SourceShard, index: int,

@@ -21,13 +21,12 @@ from typing import Any
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from audit.config import ReferenceSection
 from audit.errors import InputError
-from audit.reference.folder import FolderCheck, validate_folder
+from audit.reference.folder import FolderCheck, save_npy_atomic, validate_folder
 from audit.reference.vectors import VectorStore
-from audit.store import tmp_path, write_bytes_atomic
+from audit.store import tmp_path, write_bytes_atomic, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 INDEX_DIR = "index"
@@ -132,8 +131,6 @@ def _build_shard(out: Path, j: int, start: int, end: int, store: VectorStore, ex
         tmp.replace(out / name)
     finally:
         tmp.unlink(missing_ok=True)
-    from audit.reference.folder import save_npy_atomic
-
     save_npy_atomic(out / ids_name, rows)
     record = {"shard": j, "file": name, "ids": ids_name, "rows": [start, end], "vectors": int(rows.size),
               "factory": factory, "trained_on": trained_on, "build_s": round(time.time() - began, 3),
@@ -151,8 +148,7 @@ def _write_exclusions(out: Path, check: FolderCheck, first_rows: list[int]) -> N
         "global_row": pa.array([first_rows[_pos(check, i)] + r for (i, r), _ in items], pa.int64()),
         "reason": pa.array([reason for _, reason in items], pa.string()),
     })
-    out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out / "excluded.parquet")
+    write_parquet_atomic(out / "excluded.parquet", table)
 
 
 def load_manifest(index_dir: Path) -> dict[str, Any]:

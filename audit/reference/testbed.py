@@ -46,3 +46,16 @@ def write_training_set(items: list[TestbedItem], out: Path, rows_per_shard: int 
     for shard, start in enumerate(range(0, table.num_rows, rows_per_shard)):
         pq.write_table(table.slice(start, rows_per_shard), out / f"{shard:05d}.parquet")
     return out
+
+
+def write_shipped_training_set(folder: Path) -> Path:
+    """The shipped testbed's training set (rebuilt from the seed and spec in its metrics.json)
+    as img2dataset shards under ``folder/img2dataset``."""
+    import json
+
+    from audit.testbed.builtin import testbed_folder
+    from audit.testbed.dataset import build_dataset
+    from audit.testbed.train import spec_from_dict
+
+    spec = spec_from_dict(json.loads((testbed_folder() / "metrics.json").read_text())["training"]["spec"])
+    return write_training_set(build_dataset(spec.dataset, spec.seed), folder / SOURCE_DIR)
