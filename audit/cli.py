@@ -2,7 +2,8 @@
 
 Exit codes: 0 done; 1 a failure the run could not recover from (finished shards are kept, re-run
 to resume); 2 bad input (one line on stderr says what and where); 3 the run finished but some
-samples have status ``error`` (re-run with ``--retry-failed``).
+samples have status ``error`` (re-run with ``--retry-failed``); 4 a release gate of ``compare`` or
+``watch`` failed; 5 ``verify`` found problems.
 """
 
 from __future__ import annotations
@@ -39,13 +40,16 @@ def _parser() -> argparse.ArgumentParser:
     with_config(run)
     run.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     run.add_argument("--retry-failed", action="store_true", help="also redo samples whose status is an error")
+    run.add_argument("--no-report", action="store_true", help="skip writing RUN/report/ at the end")
 
     show = commands.add_parser("config", help="validate a config and print it with every default")
     with_config(show)
 
-    from audit import cli_reference
+    from audit import cli_reference, cli_report, cli_watch
 
     cli_reference.add_parser(commands, with_config)
+    cli_report.add_parsers(commands)
+    cli_watch.add_parser(commands, with_config)
 
     testbed = commands.add_parser("testbed", help="the trained testbed and architectures for tests/benchmarks")
     actions = testbed.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -71,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("diffusers", "transformers", "urllib3", "filelock"):
+    for noisy in ("diffusers", "transformers", "urllib3", "filelock", "faiss", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
@@ -84,6 +88,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "testbed":
             return _testbed(args)
+        if args.command == "watch":
+            from audit import cli_watch
+
+            return cli_watch.run(args)
+        if args.command in {"report", "compare", "verify"}:
+            from audit import cli_report
+
+            return cli_report.run(args)
         if args.command == "reference":
             from audit import cli_reference
 
@@ -168,6 +180,10 @@ def _run(args: argparse.Namespace) -> int:
     flagged, prompts = _flagged(result.run_path)
     print(f"detection: {result.detection.get('shards_written', 0)} shards scored now; "
           f"memorized prompts: {flagged} of {prompts} scored (prompt_scores/, matches/)")
+    if prompts and not args.no_report:
+        from audit.report.build import write_report
+
+        print(f"report: {write_report(result.run_path)}")
     failed = {**report.shards_failed, **{f"embeddings {k}": v for k, v in embedded.shards_failed.items()},
               **{f"detection {k}": v for k, v in result.detection.get("failed", {}).items()}}
     if failed:

@@ -161,13 +161,13 @@ class ReferenceSection(_Section):
     )
     images_per_shard: int = Field(10_000, gt=0, description="Rows per img_emb/metadata file written.")
     index_factory: str = Field(
-        "auto", description="faiss factory string; auto: Flat up to flat_max_vectors, else IVF-PQ."
+        "auto", description="faiss factory string; auto: Flat up to flat_max_vectors, else IVF{nlist},SQ8."
     )
     flat_max_vectors: int = Field(1_000_000, gt=0, description="auto uses an exact index up to this size.")
     vectors_per_shard: int = Field(2_000_000, gt=0, description="Vectors per faiss index shard.")
-    train_sample: int = Field(200_000, gt=0, description="Vectors used to train IVF-PQ (per shard).")
-    nprobe: int = Field(64, gt=0, description="IVF lists searched per query.")
-    rerank: int = Field(20, ge=1, description="IVF-PQ: exact re-rank of k x rerank candidates (1: none).")
+    train_sample: int = Field(200_000, gt=0, description="Vectors sampled to train the index (once, shared by all shards).")
+    nprobe: int = Field(16, gt=0, description="IVF lists searched per query.")
+    rerank: int = Field(3, ge=1, description="Approximate indexes: exact re-rank of k x rerank candidates (1: none).")
     dup_threshold: float = Field(0.95, gt=0, le=1, description="Cosine at which two images are duplicates.")
 
 
@@ -175,7 +175,7 @@ class DetectionSection(_Section):
     """Turning samples and the reference index into evidence; defaults from the papers."""
 
     k: int = Field(10, gt=0, description="Reference neighbours kept per sample.")
-    join_batch: int = Field(1024, ge=1, description="Queries per faiss call (>= 256 reaches GEMM speed).")
+    join_batch: int = Field(4096, ge=1, description="Queries per faiss call (>= 256 reaches GEMM speed).")
     join_workers: int | Literal["auto"] = Field("auto", description="Index shard actors; auto: one per shard, at most the CPUs.")
     tile_grid: int = Field(4, gt=0, description="Carlini's tiled L2: tiles per side.")
     clique_delta: float = Field(0.15, gt=0, description="Tiled L2 under which two samples are the same.")

@@ -41,7 +41,8 @@ def pairwise_tiled_l2(images: np.ndarray, grid: int = 4, block: int = 64) -> np.
 
     Uses per-tile squared norms and dot products (one matrix product per tile), so n = 500
     samples of 512x512 cost 16 GEMMs rather than 125k image differences; ``block`` rows at a
-    time bound the memory. On a GPU, :func:`audit.detect.cliques` passes torch tensors instead.
+    time bound the memory. On a GPU, detection uses the same computation in torch
+    (:func:`audit.detect.gpu.pairwise_tiled_l2_torch`).
     """
     x = _unit(images)
     n, height, width, channels = x.shape

@@ -28,6 +28,17 @@ def test_pairwise_tiled_l2_equals_the_pairwise_definition() -> None:
         assert matrix[i, j] == pytest.approx(float(tiled_l2(images[i], images[j])), abs=1e-5)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_accelerator_pairwise_tiled_l2_equals_the_numpy_one(device: str) -> None:
+    from audit.detect.gpu import pairwise_tiled_l2_torch
+
+    images = np.concatenate([diverse(9, 2), np.repeat(diverse(1, 3), 3, axis=0)])  # with exact copies
+    expected = pairwise_tiled_l2(images)
+    found = pairwise_tiled_l2_torch(images, device=device, block=4)
+    assert found.shape == (12, 12) and np.allclose(found, expected, atol=1e-4)
+    assert np.all(np.diag(found) == 0) and np.allclose(found[9:, 9:], 0, atol=1e-3)
+
+
 def test_planted_near_identical_group_is_the_largest_clique() -> None:
     rng = np.random.default_rng(0)
     images = diverse(20, 2).astype(np.int16)

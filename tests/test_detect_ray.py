@@ -13,15 +13,14 @@ import ray
 
 from audit.cli import main
 from audit.config import ReferenceSection
-from audit.pipeline.detection import IndexShardActor, _fan_out
+from audit.pipeline.detection import _fan_out, shard_actor_args, start_shard_actor
 from audit.reference.index import build_index
 from test_reference_index import unit, write_folder
 
 
 def actors_for(root: Path, manifest: dict, n_actors: int, rerank: int = 20) -> tuple[list, list]:
-    shards = [s["shard"] for s in manifest["shards"]]
-    args = [(str(root), shards[i::n_actors], 16, rerank) for i in range(n_actors)]
-    return [IndexShardActor.options(num_cpus=0.5).remote(*a) for a in args], args
+    args = shard_actor_args(root, None, [s["shard"] for s in manifest["shards"]], n_actors, 16, rerank)
+    return [start_shard_actor(a) for a in args], args
 
 
 def test_join_over_exact_shards_equals_one_flat_index(ray_local: str, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -75,10 +76,31 @@ def test_ivf_pq_with_exact_rerank_reaches_recall_on_clustered_vectors(tmp_path: 
     assert recall[20] > recall[1], recall  # PQ alone loses recall; exact re-ranking restores it
 
 
-def test_default_recipe_is_exact_when_small_and_ivf_pq_when_large() -> None:
+def test_training_is_done_once_and_shared_by_every_shard(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    base = unit(rng.standard_normal((3000, 32)))
+    root = write_folder(tmp_path / "ref", [base])
+    section = ReferenceSection(flat_max_vectors=1, vectors_per_shard=1000, train_sample=2000, nprobe=4)
+    manifest = build_index(root, section)
+    assert manifest["factory"] == "IVF256,SQ8" and len(manifest["shards"]) == 3
+    trained = json.loads((root / "index" / "trained.json").read_text())
+    assert trained["trained_on"] == 2000 and all(s["trained_on"] == 2000 for s in manifest["shards"])
+    shards = [faiss.read_index(str(root / "index" / s["file"])) for s in manifest["shards"]]
+    centroids = [faiss.extract_index_ivf(s).quantizer.reconstruct_n(0, 256) for s in shards]
+    assert all(np.array_equal(centroids[0], c) for c in centroids[1:])  # one coarse quantizer for all
+    stamp = (root / "index" / "trained.faiss").stat().st_mtime_ns
+    (root / "index" / "shard_1.json").unlink()  # one shard lost: rebuilt from the saved training
+    again = build_index(root, section)
+    assert (root / "index" / "trained.faiss").stat().st_mtime_ns == stamp
+    assert [s["file"] for s in again["shards"]] == [s["file"] for s in manifest["shards"]]
+    _, rows = ReferenceIndex(root).search(base[:50].astype(np.float32), 1)
+    assert np.array_equal(rows[:, 0], np.arange(50))  # a vector finds itself through the shared training
+
+
+def test_default_recipe_is_exact_when_small_and_ivf_sq8_when_large() -> None:
     section = ReferenceSection()
     assert choose_factory(10_000, 768, section) == "Flat"
-    assert choose_factory(5_000_000, 768, section) == "IVF8192,PQ96x8"
+    assert choose_factory(5_000_000, 768, section) == "IVF8192,SQ8"
     assert choose_factory(10, 768, ReferenceSection(index_factory="HNSW32")) == "HNSW32"
 
 

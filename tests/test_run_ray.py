@@ -230,3 +230,52 @@ def test_reopening_a_run_with_other_settings_is_refused(first_run: dict, tmp_pat
     err = capsys.readouterr().err
     assert "this run was made with other settings (generation.steps: 6 -> 7)" in err
     assert _state(first_run["run"]) == first_run["state"]
+
+
+def test_verify_passes_a_complete_run_and_names_each_kind_of_damage(first_run: dict, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    assert main(["verify", str(first_run["run"])]) == 0
+    assert "verify: 32 of 32 planned samples present in 4 of 4 complete shards; OK" in capsys.readouterr().out
+
+    def damaged(name: str) -> Path:
+        copy = tmp_path / name
+        shutil.copytree(first_run["run"], copy)
+        return copy
+
+    def problems(run: Path, notes: bool = False) -> list[str]:
+        capsys.readouterr()
+        code = main(["verify", str(run), "--json"])
+        found = json.loads(capsys.readouterr().out)
+        assert code == (0 if found["ok"] else 5)
+        return found["problems"] + ([f"note: {n}" for n in found["notes"]] if notes else [])
+
+    run = damaged("missing-file")
+    (run / "samples" / "shard-00001.parquet").unlink()
+    assert problems(run) == ["samples/shard-00001: marker says complete but the file is missing"]
+
+    run = damaged("flipped-byte")
+    path = run / "samples" / "shard-00002.parquet"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert problems(run) == ["samples/shard-00002: sha256 differs from its marker (the file changed after it was written)"]
+
+    run = damaged("duplicated")  # a shard rewritten with one row twice, its marker made consistent
+    path = run / "samples" / "shard-00000.parquet"
+    table = pq.read_table(path)
+    pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), path)
+    marker_path = run / "samples" / "_markers" / "shard-00000.json"
+    marker = json.loads(marker_path.read_text())
+    marker.update(bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest(), rows=9)
+    marker_path.write_text(json.dumps(marker))
+    found = problems(run)
+    assert any(p.startswith("1 sample_ids present more than once") for p in found), found
+    assert any(p.startswith("embeddings/shard-00000: rows are not aligned") for p in found), found
+
+    run = damaged("unfinished")  # an interrupted write: no marker, a temporary file
+    (run / "samples" / "_markers" / "shard-00003.json").unlink()
+    (run / "samples" / ".shard-00003.parquet.tmp-1-abc").write_bytes(b"partial")
+    found = problems(run, notes=True)
+    assert found[0].startswith("note: samples/shard-00003: file without a completion marker")
+    assert any("1 of 4 samples shards not complete yet" in p for p in found)
+    assert not [p for p in found if not p.startswith("note: ")]  # resumable, not damaged

@@ -35,8 +35,9 @@ MATCHES_TABLE, SCORES_TABLE = "matches", "prompt_scores"
 class Detector:
     """Holds what every shard needs: the config, the reference vectors and images."""
 
-    def __init__(self, cfg: AuditConfig, store: RunStore, reference_root: Path | None, manifest: dict[str, Any] | None):
-        self.cfg, self.store = cfg, store
+    def __init__(self, cfg: AuditConfig, store: RunStore, reference_root: Path | None, manifest: dict[str, Any] | None,
+                 device: str = "cpu"):
+        self.cfg, self.store, self.device = cfg, store, device
         self.det = cfg.detection
         prompts = pq.read_table(store.path / "prompts" / "prompts.parquet", columns=["prompt_id", "prompt", "key"])
         self.prompts = {p: (t, k) for p, t, k in zip(*(prompts.column(c).to_pylist() for c in ("prompt_id", "prompt", "key")))}
@@ -128,7 +129,13 @@ class Detector:
         images = [Image.open(io.BytesIO(p)).convert("RGB") for p in pngs]
         side = verify.common_size(images[0].size, images[0].size, self.det.verify_size, self.det.tile_grid)
         stack = np.stack([np.asarray(im if im.size == (side, side) else im.resize((side, side))) for im in images])
-        return largest_clique(copy_graph(pairwise_tiled_l2(stack, self.det.tile_grid), self.det.clique_delta))
+        if self.device == "cpu":
+            distances = pairwise_tiled_l2(stack, self.det.tile_grid)
+        else:
+            from audit.detect.gpu import pairwise_tiled_l2_torch
+
+            distances = pairwise_tiled_l2_torch(stack, self.det.tile_grid, self.device)
+        return largest_clique(copy_graph(distances, self.det.clique_delta))
 
     def _verify(self, sid: str, pid: str, rank: int, ref_row: int, key: str | None, png: bytes,
                 emb: np.ndarray | None, prompt: str, prompt_key: str | None) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from audit.detect.shard import MATCHES_TABLE, SCORES_TABLE
 from audit.embed.storage import decode_embeddings
 from audit.pipeline.pool import ActorPool, ShardTask, StageActor, reason, run_tasks
 from audit.pipeline.ray_setup import cpu_actor_resources
+from audit.progress import Progress
 from audit.reference.index import INDEX_DIR, load_manifest
 from audit.store import RunStore
 
@@ -40,9 +41,13 @@ NEIGHBORS_TABLE = "neighbors"
 class IndexShardActor:
     """Holds some index shards (memory-mapped where faiss allows) and searches them."""
 
-    def __init__(self, root: str, shards: list[int], nprobe: int, rerank: int, index_dir: str | None = None) -> None:
+    def __init__(self, root: str, shards: list[int], nprobe: int, rerank: int, index_dir: str | None = None,
+                 threads: int = 1) -> None:
+        import faiss
+
         from audit.reference.search import ReferenceIndex
 
+        faiss.omp_set_num_threads(max(1, threads))
         self.index = ReferenceIndex(Path(root), Path(index_dir) if index_dir else None, nprobe=nprobe,
                                     rerank=rerank, only=shards)
 
@@ -65,7 +70,8 @@ class DetectWorker(StageActor):
         super().__init__(cfg)
         ref = Path(self.cfg.reference.path) if self.cfg.reference.path else None
         manifest = load_manifest(ref / INDEX_DIR) if ref else None
-        self.detector = Detector(self.cfg, RunStore(run_path), ref, manifest)
+        device = "cuda" if ray.get_gpu_ids() else "cpu"  # a GPU share: pairwise tiled L2 runs there
+        self.detector = Detector(self.cfg, RunStore(run_path), ref, manifest, device=device)
 
     def run(self, shard: str, inputs: dict[str, str]) -> dict[str, Any]:
         return self.detector.run(shard, pid=os.getpid(), inputs=inputs)
@@ -92,42 +98,58 @@ def join_neighbors(store: RunStore, cfg: AuditConfig, names: list[str]) -> dict[
     if not todo:
         return report
     shards = [s["shard"] for s in manifest["shards"]]
-    n_actors = _join_workers(cfg, len(shards))
-    assignment = [shards[i::n_actors] for i in range(n_actors)]
-    args = [(str(root), part, cfg.reference.nprobe, cfg.reference.rerank) for part in assignment]
-    actors = [IndexShardActor.options(num_cpus=0.5).remote(*a) for a in args]
+    args = shard_actor_args(root, None, shards, _join_workers(cfg, len(shards)), cfg.reference.nprobe,
+                            cfg.reference.rerank)
     from audit.reference.images import ReferenceImages
 
-    keys = ReferenceImages(root, manifest)
+    joiner = _Joiner(store, cfg, manifest, ref_hash, ReferenceImages(root, manifest), args)
     try:
-        for group in query_groups(todo, cfg.detection.join_batch):
-            sample_ids, prompt_ids, queries, owners = [], [], [], []
-            for name in group:
-                table = pq.read_table(store.shard_path("embeddings", name))
-                dim = int(table.schema.field("embedding").metadata[b"dim"])
-                sample_ids += table.column("sample_id").to_pylist()
-                prompt_ids += table.column("prompt_id").to_pylist()
-                queries.append(decode_embeddings(table.column("embedding"), dim).astype(np.float32))
-                owners += [name] * table.num_rows
-            q = np.concatenate(queries)
-            scores, rows = _fan_out(actors, args, q, cfg.detection.k, cfg.compute.max_attempts)
-            ok = np.linalg.norm(q, axis=1) > 0  # samples without an embedding get no neighbours
-            rows[~ok] = -1
-            owner = np.array(owners)
-            for name in group:
-                sel = np.flatnonzero(owner == name)
-                table = neighbor_table([sample_ids[i] for i in sel], [prompt_ids[i] for i in sel], scores[sel],
-                                       rows[sel], keys.keys(rows[sel]), shard_of_rows(manifest, rows[sel]))
-                store.invalidate(NEIGHBORS_TABLE, name)
-                with store.open_shard(NEIGHBORS_TABLE, name, table.schema) as writer:
-                    writer.write(table)
-                    writer.commit(inputs=store.inputs_of(name, ("embeddings",), ref_hash), queries=int(sel.size))
-                report["shards_written"] += 1
-            report["queries"] += int(q.shape[0])
+        with Progress("kNN join", "query", sum(todo.values()), tasks=len(todo)) as progress:
+            for group in query_groups(todo, cfg.detection.join_batch):
+                queries = joiner.join(group)
+                report["shards_written"] += len(group)
+                report["queries"] += queries
+                progress.update(queries, tasks=len(group))
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        joiner.close()
     return report
+
+
+class _Joiner:
+    """The shard actors of one join and the writing of ``neighbors/`` shards."""
+
+    def __init__(self, store: RunStore, cfg: AuditConfig, manifest: dict[str, Any], ref_hash: dict[str, str],
+                 keys: Any, args: list[tuple[Any, ...]]) -> None:
+        self.store, self.cfg, self.manifest, self.ref_hash, self.keys, self.args = store, cfg, manifest, ref_hash, keys, args
+        self.actors = [start_shard_actor(a) for a in args]
+
+    def join(self, group: list[str]) -> int:
+        """Neighbours of every sample of the shards in ``group`` (one fan-out); returns the queries."""
+        sample_ids, prompt_ids, queries, owners = [], [], [], []
+        for name in group:
+            table = pq.read_table(self.store.shard_path("embeddings", name))
+            dim = int(table.schema.field("embedding").metadata[b"dim"])
+            sample_ids += table.column("sample_id").to_pylist()
+            prompt_ids += table.column("prompt_id").to_pylist()
+            queries.append(decode_embeddings(table.column("embedding"), dim).astype(np.float32))
+            owners += [name] * table.num_rows
+        q = np.concatenate(queries)
+        scores, rows = _fan_out(self.actors, self.args, q, self.cfg.detection.k, self.cfg.compute.max_attempts)
+        rows[~(np.linalg.norm(q, axis=1) > 0)] = -1  # samples without an embedding get no neighbours
+        owner = np.array(owners)
+        for name in group:
+            sel = np.flatnonzero(owner == name)
+            table = neighbor_table([sample_ids[i] for i in sel], [prompt_ids[i] for i in sel], scores[sel],
+                                   rows[sel], self.keys.keys(rows[sel]), shard_of_rows(self.manifest, rows[sel]))
+            self.store.invalidate(NEIGHBORS_TABLE, name)
+            with self.store.open_shard(NEIGHBORS_TABLE, name, table.schema) as writer:
+                writer.write(table)
+                writer.commit(inputs=self.store.inputs_of(name, ("embeddings",), self.ref_hash), queries=int(sel.size))
+        return int(q.shape[0])
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
 
 
 def _join_workers(cfg: AuditConfig, n_shards: int) -> int:
@@ -136,24 +158,42 @@ def _join_workers(cfg: AuditConfig, n_shards: int) -> int:
     return max(1, min(n_shards, int(ray.cluster_resources().get("CPU", 1))))
 
 
+def shard_actor_args(root: Path, index_dir: Path | None, shards: list[int], n_actors: int, nprobe: int,
+                     rerank: int) -> list[tuple[Any, ...]]:
+    """Index shards dealt round-robin to ``n_actors`` actors, the cluster's CPUs split among them."""
+    threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // n_actors)
+    return [(str(root), shards[i::n_actors], nprobe, rerank, str(index_dir) if index_dir else None, threads)
+            for i in range(n_actors)]
+
+
+def start_shard_actor(args: tuple[Any, ...]) -> Any:
+    """An index-shard actor for ``(root, shards, nprobe, rerank, index_dir, threads)``; it reserves
+    as many CPUs as its faiss threads."""
+    return IndexShardActor.options(num_cpus=args[5]).remote(*args)
+
+
 def _fan_out(actors: list[Any], args: list[tuple[Any, ...]], queries: np.ndarray, k: int,
              max_attempts: int) -> tuple[np.ndarray, np.ndarray]:
-    """Search every actor; a dead actor is restarted with the same shards and asked again."""
+    """Search every actor at once; a dead actor is restarted with the same shards and asked again."""
     from audit.reference.search import merge_topk
 
     ref = ray.put(queries)
-    parts = []
-    for i in range(len(actors)):
-        for attempt in range(1, max_attempts + 1):
-            try:
-                parts.append(ray.get(actors[i].search.remote(ref, k)))
-                break
-            except RayActorError as exc:
-                log.warning("index shard actor %d died (%s); restarting it (attempt %d)", i, reason(exc), attempt)
-                actors[i] = IndexShardActor.options(num_cpus=0.5).remote(*args[i])
-                if attempt == max_attempts:
-                    raise RuntimeError(f"index shard actor {i} failed {max_attempts} times: {reason(exc)}") from None
-    return merge_topk(parts, k)
+    pending = {i: actor.search.remote(ref, k) for i, actor in enumerate(actors)}
+    attempts = dict.fromkeys(pending, 1)
+    parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    while pending:
+        i, future = next(iter(pending.items()))
+        try:
+            parts[i] = ray.get(future)
+            del pending[i]
+        except RayActorError as exc:
+            if attempts[i] == max_attempts:
+                raise RuntimeError(f"index shard actor {i} failed {max_attempts} times: {reason(exc)}") from None
+            log.warning("index shard actor %d died (%s); restarting it (attempt %d)", i, reason(exc), attempts[i])
+            attempts[i] += 1
+            actors[i] = start_shard_actor(args[i])
+            pending[i] = actors[i].search.remote(ref, k)
+    return merge_topk([parts[i] for i in range(len(actors))], k)
 
 
 def detect(store: RunStore, cfg: AuditConfig, names: list[str], sizes: dict[str, int]) -> dict[str, Any]:
@@ -173,6 +213,9 @@ def detect(store: RunStore, cfg: AuditConfig, names: list[str], sizes: dict[str,
         return report
     n_workers = max(1, min(len(todo), int(ray.cluster_resources().get("CPU", 1)) // 2))
     resources = cpu_actor_resources(cfg.compute.cpus_per_worker, n_workers)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus:
+        resources["num_gpus"] = min(1.0, gpus / n_workers)
     pool = ActorPool(DetectWorker, (cfg.to_dict(), str(store.path)), resources, "detection")
     done = run_tasks(pool, n_workers, todo, cfg.compute.max_attempts, "img", "detect")
     report["shards_written"] = len(done.markers)

@@ -11,15 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
+
+from audit.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +102,10 @@ def run_tasks(pool: ActorPool, n_workers: int, tasks: list[ShardTask], max_attem
 
     total = sum(task.units for task in tasks)
     try:
-        with logging_redirect_tqdm(), tqdm(total=total, unit=unit, desc=desc, disable=None) as bar:
-            progress = ProgressLog(desc, unit, total, len(tasks), enabled=bar.disable)
+        with Progress(desc, unit, total, tasks=len(tasks)) as progress:
             for _ in range(min(n_workers, len(tasks))):
                 submit(pool.start())
-            progress.start = progress.last = time.time()  # rates count work, not start-up
+            progress.restart_clock()  # rates count work, not start-up
             while in_flight:
                 ready, _ = ray.wait(list(in_flight), num_returns=1)
                 worker, task = in_flight.pop(ready[0])
@@ -127,8 +125,7 @@ def run_tasks(pool: ActorPool, n_workers: int, tasks: list[ShardTask], max_attem
                     submit(worker)
                     continue
                 report.markers.append(marker)
-                bar.update(task.units)
-                progress.task_done(task.units)
+                progress.update(task.units)
                 submit(worker)
     finally:
         pool.shutdown()
@@ -137,25 +134,3 @@ def run_tasks(pool: ActorPool, n_workers: int, tasks: list[ShardTask], max_attem
     if starts:
         report.window_s = max(ends) - min(starts)
     return report
-
-
-class ProgressLog:
-    """Progress as log lines (at most one per ``every_s``) where no progress bar is shown,
-    e.g. in Ray job logs."""
-
-    def __init__(self, desc: str, unit: str, total: int, tasks: int, enabled: bool, every_s: float = 10.0) -> None:
-        self.desc, self.unit, self.total, self.tasks, self.enabled, self.every_s = desc, unit, total, tasks, enabled, every_s
-        self.done = self.tasks_done = 0
-        self.start = self.last = time.time()
-
-    def task_done(self, units: int) -> None:
-        self.done += units
-        self.tasks_done += 1
-        now = time.time()
-        if not self.enabled or (now - self.last < self.every_s and self.tasks_done < self.tasks):
-            return
-        self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
-        eta = (self.total - self.done) / rate if rate else float("inf")
-        log.info("%s: %d/%d shards, %d/%d %s, %.2f %s/s, ETA %.0f s", self.desc, self.tasks_done, self.tasks,
-                 self.done, self.total, self.unit, rate, self.unit, eta)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
 
@@ -23,6 +25,17 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     return True
 
 
+@contextmanager
+def ray_session(address: str | None = None) -> Iterator[None]:
+    """Ray for a block of work (several audits share it); shut down after if it was started here."""
+    started = connect(address)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def _loopback_only() -> None:
     # Ray resolves "127.0.0.1" to the machine's routable address unless multi-node clusters are
     # off; turning them off (for this process and the workers it spawns) makes every Ray
@@ -34,13 +47,16 @@ def _loopback_only() -> None:
 
 
 def cpu_actor_resources(cpus_per_worker: int | str, n_workers: int) -> dict[str, float]:
-    """CPU actors share the cluster's CPUs evenly unless a count is configured."""
+    """CPU actors share the cluster's CPUs evenly unless a count is configured; an actor never
+    asks for more CPUs than the largest node has (it could not be placed)."""
     from audit.errors import InputError
 
     total = int(ray.cluster_resources().get("CPU", 1))
-    cpus = max(1, total // n_workers) if cpus_per_worker == "auto" else int(cpus_per_worker)
-    if cpus > total:
-        raise InputError(f"compute.cpus_per_worker: {cpus} but the Ray cluster has {total} CPUs; lower it or use auto")
+    largest = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=total)
+    cpus = max(1, min(total // n_workers, largest)) if cpus_per_worker == "auto" else int(cpus_per_worker)
+    if cpus > largest:
+        raise InputError(f"compute.cpus_per_worker: {cpus} but the largest node of the Ray cluster has {largest} "
+                         "CPUs; lower it or use auto")
     return {"num_cpus": cpus}
 
 

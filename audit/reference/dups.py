@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from audit.progress import Progress
 from audit.reference.search import IndexShard, ReferenceIndex
 from audit.store import write_parquet_atomic
 
@@ -39,13 +40,15 @@ def count_duplicates(reference: ReferenceIndex, threshold: float) -> dict[int, n
         indexed[np.asarray(shard.ids)] = True
     counts = np.full(reference.manifest["rows"], -1, dtype=np.int64)
     rows = np.flatnonzero(indexed)
-    for start in range(0, rows.size, QUERY_BLOCK):
-        block = rows[start : start + QUERY_BLOCK]
-        queries = reference.vectors.get(block)
-        total = np.zeros(block.size, dtype=np.int64)
-        for shard in reference.shards:
-            total += _range_counts(shard, queries, threshold)
-        counts[block] = total - 1  # every indexed item finds itself
+    with Progress("duplicate counts", "item", int(rows.size)) as progress:
+        for start in range(0, rows.size, QUERY_BLOCK):
+            block = rows[start : start + QUERY_BLOCK]
+            queries = reference.vectors.get(block)
+            total = np.zeros(block.size, dtype=np.int64)
+            for shard in reference.shards:
+                total += _range_counts(shard, queries, threshold)
+            counts[block] = total - 1  # every indexed item finds itself
+            progress.update(int(block.size))
     return {int(f["index"]): counts[f["first_row"] : f["first_row"] + f["rows"]] for f in files}
 
 
@@ -55,7 +58,7 @@ def _range_counts(shard: IndexShard, queries: np.ndarray, threshold: float, firs
         # faiss returns inner products > radius; step just below so that == threshold counts
         lims, _, _ = shard.index.range_search(queries, float(np.nextafter(np.float32(threshold), -1)))
         return np.diff(lims).astype(np.int64)
-    # Approximate shards: a PQ range is unreliable, so take the exactly re-ranked k nearest and
+    # Approximate shards: a quantised range is unreliable, so take the exactly re-ranked k nearest and
     # count those above the threshold, growing k for the queries whose k are all above it.
     counts = np.zeros(queries.shape[0], dtype=np.int64)
     todo, k = np.arange(queries.shape[0]), first_k

@@ -1,12 +1,18 @@
 """Building faiss index shards over an embedding folder, with a JSON manifest.
 
-Exact ``Flat`` up to ``reference.flat_max_vectors``; above it IVF-PQ (``IVF{nlist},PQ{m}x8``)
-trained on a seeded sample, whose candidates are re-ranked at search time against the exact
-float16 vectors of the folder itself (memory-mapped, see :mod:`audit.reference.vectors`), so the
-index stores only PQ codes and no second copy of the vectors. Any faiss factory string may be
-configured instead. Shards cover contiguous global row ranges; each is written under a temporary
-name, renamed, and recorded in ``shard_{j}.json`` (a re-run skips finished shards); the manifest
-comes last.
+Exact ``Flat`` up to ``reference.flat_max_vectors``; above it ``IVF{nlist},SQ8`` (8-bit scalar
+codes, one byte per dimension), whose candidates are re-ranked at search time against the exact
+float16 vectors of the folder itself (memory-mapped, see :mod:`audit.reference.vectors`). SQ8 was
+chosen over PQ because on hard (near-equidistant) neighbours PQ's ranking needs tens of times
+more re-ranked candidates for the same recall, which costs more than the scan it saves
+(``benchmarks/knn_join.py``); for billions of vectors set e.g. ``IVF65536,PQ192x4fs`` with a
+larger ``rerank``. Any faiss factory string may be configured.
+
+A trainable index is trained once, on a seeded sample over the whole folder, and saved as
+``trained.faiss``; every shard starts from that copy, so all shards share one coarse quantizer
+and the training cost is paid once. Shards cover contiguous global row ranges; each is written
+under a temporary name, renamed, and recorded in ``shard_{j}.json`` (a re-run skips finished
+shards and the finished training); the manifest comes last.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import pyarrow as pa
 
 from audit.config import ReferenceSection
 from audit.errors import InputError
+from audit.progress import Progress
 from audit.reference.folder import FolderCheck, save_npy_atomic, validate_folder
 from audit.reference.vectors import VectorStore
 from audit.store import tmp_path, write_bytes_atomic, write_parquet_atomic
@@ -42,8 +49,7 @@ def choose_factory(n_vectors: int, dim: int, section: ReferenceSection) -> str:
     if n_vectors <= section.flat_max_vectors:
         return "Flat"
     nlist = int(min(65_536, max(256, 2 ** round(math.log2(4 * math.sqrt(n_vectors))))))
-    m = max(d for d in range(1, dim // 8 + 1) if dim % d == 0)  # 8 dims per sub-quantizer (96 for 768)
-    return f"IVF{nlist},PQ{m}x8"
+    return f"IVF{nlist},SQ8"
 
 
 def is_exact(factory: str) -> bool:
@@ -62,10 +68,15 @@ def build_index(root: Path, section: ReferenceSection, out: Path | None = None, 
     first_rows = np.cumsum([0] + [f.rows for f in check.files])[:-1].tolist()
     store = VectorStore([f.npy for f in check.files], first_rows)
     excluded_rows = np.array(sorted(int(first_rows[_pos(check, i)]) + r for i, r in check.excluded), dtype=np.int64)
+    included_rows = np.setdiff1d(np.arange(check.total_rows, dtype=np.int64), excluded_rows, assume_unique=True)
+    trained = _trained(out, factory, check.dim, store, included_rows, section, seed)
     shards = []
-    for j, start in enumerate(range(0, check.total_rows, section.vectors_per_shard)):
-        end = min(start + section.vectors_per_shard, check.total_rows)
-        shards.append(_build_shard(out, j, start, end, store, excluded_rows, factory, check.dim, section, seed))
+    starts = range(0, check.total_rows, section.vectors_per_shard)
+    with Progress("index shards", "vector", check.total_rows, tasks=len(starts)) as progress:
+        for j, start in enumerate(starts):
+            end = min(start + section.vectors_per_shard, check.total_rows)
+            shards.append(_build_shard(out, j, start, end, store, excluded_rows, factory, trained))
+            progress.update(end - start)
     _write_exclusions(out, check, first_rows)
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -103,37 +114,62 @@ def _check_factory(factory: str, dim: int) -> None:
                          f"dim {dim} ({first}); e.g. Flat or IVF4096,PQ96x8") from None
 
 
+def _trained(out: Path, factory: str, dim: int, store: VectorStore, rows: np.ndarray, section: ReferenceSection,
+             seed: int) -> dict[str, Any]:
+    """The empty trained index every shard starts from (trained once; reused when it matches)."""
+    empty = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if empty.is_trained:
+        return {"file": None, "trained_on": 0}
+    size = int(min(section.train_sample, rows.size))
+    record_path, path = out / "trained.json", out / "trained.faiss"
+    wanted = {"factory": factory, "seed": seed, "trained_on": size, "rows": int(rows.size)}
+    if record_path.is_file() and path.is_file():
+        record = json.loads(record_path.read_text())
+        if {key: record.get(key) for key in wanted} == wanted and path.stat().st_size == record.get("bytes"):
+            log.info("index training already done (%s on %d vectors)", factory, size)
+            return record
+    began = time.time()
+    sample = np.sort(np.random.default_rng(seed).choice(rows, size=size, replace=False))
+    empty.train(store.get(sample))
+    _write_index_atomic(empty, path)
+    record = {**wanted, "file": path.name, "train_s": round(time.time() - began, 3), "bytes": path.stat().st_size}
+    write_bytes_atomic(record_path, json.dumps(record, indent=2).encode())
+    log.info("index trained: %s on %d vectors, %.1f s", factory, size, record["train_s"])
+    return record
+
+
+def _write_index_atomic(index: faiss.Index, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    try:
+        faiss.write_index(index, str(tmp))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _build_shard(out: Path, j: int, start: int, end: int, store: VectorStore, excluded: np.ndarray,
-                 factory: str, dim: int, section: ReferenceSection, seed: int) -> dict[str, Any]:
+                 factory: str, trained: dict[str, Any]) -> dict[str, Any]:
     record_path = out / f"shard_{j}.json"
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if (record.get("rows") == [start, end] and record.get("factory") == factory
-                and (out / record["file"]).is_file() and (out / record["file"]).stat().st_size == record["bytes"]):
+                and record.get("trained_on") == trained["trained_on"] and (out / record["file"]).is_file() and (out / record["file"]).stat().st_size == record["bytes"]):
             log.info("index shard %d already built", j)
             return record
     began = time.time()
     rows = np.setdiff1d(np.arange(start, end, dtype=np.int64), excluded, assume_unique=True)
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    trained_on = 0
-    if not index.is_trained:
-        rng = np.random.default_rng(seed + j)
-        sample = np.sort(rng.choice(rows, size=min(section.train_sample, rows.size), replace=False))
-        index.train(store.get(sample))
-        trained_on = int(sample.size)
+    if trained["file"]:
+        index = faiss.read_index(str(out / trained["file"]))
+    else:
+        index = faiss.index_factory(store.dim, factory, faiss.METRIC_INNER_PRODUCT)
     for block in range(0, rows.size, ADD_BLOCK):
         index.add(store.get(rows[block : block + ADD_BLOCK]))
-    out.mkdir(parents=True, exist_ok=True)
     name, ids_name = f"shard_{j}.faiss", f"ids_{j}.npy"
-    tmp = tmp_path(out / name)
-    try:
-        faiss.write_index(index, str(tmp))
-        tmp.replace(out / name)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_index_atomic(index, out / name)
     save_npy_atomic(out / ids_name, rows)
     record = {"shard": j, "file": name, "ids": ids_name, "rows": [start, end], "vectors": int(rows.size),
-              "factory": factory, "trained_on": trained_on, "build_s": round(time.time() - began, 3),
+              "factory": factory, "trained_on": trained["trained_on"], "build_s": round(time.time() - began, 3),
               "bytes": (out / name).stat().st_size}
     write_bytes_atomic(record_path, json.dumps(record, indent=2).encode())
     log.info("index shard %d: %d vectors, %s, %.1f s", j, rows.size, factory, record["build_s"])

@@ -67,16 +67,16 @@ class IndexShard:
             pass  # not an IVF index
 
     def search(self, queries: np.ndarray, k: int, rerank_block: int = 256) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, global rows), each (n, k); queries are float32 unit rows."""
-        if not self.exact and self.rerank > 1 and len(queries) > rerank_block:
-            parts = [self.search(queries[i : i + rerank_block], k) for i in range(0, len(queries), rerank_block)]
-            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-        fetch = k if self.exact else k * self.rerank
+        """(scores, global rows), each (n, k); queries are float32 unit rows. One faiss call for
+        the whole batch (faiss parallelises over queries); the exact re-ranking goes in blocks
+        of ``rerank_block`` queries to bound the gathered vectors' memory."""
+        rerank = not self.exact and self.rerank > 1
+        fetch = k * self.rerank if rerank else k
         scores, local = self.index.search(queries, min(fetch, max(self.index.ntotal, 1)))
         rows = np.where(local >= 0, np.asarray(self.ids)[np.maximum(local, 0)], -1)
-        if not self.exact and self.rerank > 1:
-            exact = self.vectors.get(rows)  # (n, fetch, dim)
-            scores = np.einsum("nd,nfd->nf", queries, exact).astype(np.float32)
+        if rerank:
+            scores = np.concatenate([self.vectors.cosine(queries[i : i + rerank_block], rows[i : i + rerank_block])
+                                     for i in range(0, len(queries), rerank_block)])
         scores = np.where(rows >= 0, scores, -np.inf)
         return merge_topk([(scores, rows)], k)
 

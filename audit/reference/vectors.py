@@ -25,26 +25,40 @@ class VectorStore:
             self._maps[i] = np.load(self.files[i], mmap_mode="r")
         return self._maps[i]
 
+    @property
+    def dim(self) -> int:
+        return int(self._map(0).shape[1])
+
     def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(file position, row within file) of each global row."""
         which = np.searchsorted(self.first_rows, rows, side="right") - 1
         return which, rows - self.first_rows[which]
 
-    def get(self, rows: np.ndarray) -> np.ndarray:
-        """float32 unit rows for the given global rows (any shape); rows < 0 give zeros."""
+    def raw(self, rows: np.ndarray) -> np.ndarray:
+        """float32 vectors as stored (not re-normalised) for a 1-d array of global rows; rows < 0
+        give zeros. One gather per file, no intermediate copies."""
         flat = np.asarray(rows, dtype=np.int64).reshape(-1)
-        dim = self._map(0).shape[1]
-        out = np.zeros((flat.size, dim), np.float32)
         valid = flat >= 0
         which, local = self.locate(np.where(valid, flat, 0))
+        if len(self.files) == 1 and valid.all():
+            return self._map(0)[local].astype(np.float32)
+        out = np.zeros((flat.size, self.dim), np.float32)
         for i in np.unique(which[valid]):
-            sel = valid & (which == i)
-            order = np.argsort(local[sel])  # sorted reads are kinder to the page cache
-            picked = np.asarray(self._map(int(i))[local[sel][order]], dtype=np.float32)
-            block = np.empty_like(picked)
-            block[order] = picked
-            out[np.flatnonzero(sel)] = block
-        return normalise(out).reshape(*np.shape(rows), dim)
+            sel = np.flatnonzero(valid & (which == i))
+            out[sel] = self._map(int(i))[local[sel]]
+        return out
+
+    def get(self, rows: np.ndarray) -> np.ndarray:
+        """float32 unit rows for the given global rows (any shape); rows < 0 give zeros."""
+        return normalise(self.raw(rows)).reshape(*np.shape(rows), self.dim)
+
+    def cosine(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact cosine of each unit query ``queries[i]`` (n, d) with the rows ``rows[i]`` (n, f);
+        rows < 0 (and zero vectors) give -inf."""
+        vectors = self.raw(rows).reshape(*rows.shape, self.dim)
+        dots = np.matmul(vectors, queries[:, :, None])[..., 0]
+        norms = np.sqrt(np.einsum("nfd,nfd->nf", vectors, vectors))
+        return np.divide(dots, norms, out=np.full(dots.shape, -np.inf, np.float32), where=norms > 0)
 
 
 def normalise(rows: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from audit.progress import Progress
 from audit.testbed.architectures import SD_SCHEDULE, TESTBED
 from audit.testbed.dataset import DatasetSpec, TestbedItem, build_dataset, training_entries
 from audit.testbed.tokenizer import clip_tokenizer
@@ -87,20 +88,22 @@ def train_vae(
     data = _to_tensor(images).to(device)
     losses: list[float] = []
     vae.train()
-    for step in range(spec.vae_steps):
-        batch = data[torch.randint(len(data), (spec.batch_size,), generator=generator).to(device)]
-        posterior = vae.encode(batch).latent_dist
-        eps = torch.randn(posterior.mean.shape, generator=generator).to(device)
-        latents = posterior.mean + posterior.std * eps
-        reconstruction = vae.decode(latents).sample
-        loss = F.mse_loss(reconstruction, batch) + spec.kl_weight * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if step % 100 == 0 or step == spec.vae_steps - 1:
-            log.info("vae step %d/%d loss %.5f", step, spec.vae_steps, loss.item())
+    with Progress("VAE training", "step", spec.vae_steps) as progress:
+        for step in range(spec.vae_steps):
+            batch = data[torch.randint(len(data), (spec.batch_size,), generator=generator).to(device)]
+            posterior = vae.encode(batch).latent_dist
+            eps = torch.randn(posterior.mean.shape, generator=generator).to(device)
+            latents = posterior.mean + posterior.std * eps
+            reconstruction = vae.decode(latents).sample
+            loss = F.mse_loss(reconstruction, batch) + spec.kl_weight * posterior.kl().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            if step % 100 == 0 or step == spec.vae_steps - 1:
+                log.info("vae step %d/%d loss %.5f", step, spec.vae_steps, loss.item())
+            progress.update(1)
     vae.eval().requires_grad_(False)
     return vae, losses
 
@@ -140,28 +143,30 @@ def train_unet(
     position, epoch = len(order), order
     losses: list[float] = []
     unet.train()
-    for step in range(spec.unet_steps):
-        if position + spec.batch_size > len(epoch):
-            epoch, position = order[torch.randperm(len(order), generator=generator)], 0
-        rows = epoch[position : position + spec.batch_size]
-        position += spec.batch_size
-        x0 = latents[rows].to(device)
-        cond = embeddings[rows].clone().to(device)
-        dropped = (torch.rand(len(rows), generator=generator) < spec.caption_dropout).to(device)
-        cond[dropped] = uncond.to(device)
-        noise = torch.randn(x0.shape, generator=generator).to(device)
-        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(rows),), generator=generator).to(device)
-        prediction = unet(noise_schedule.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(prediction, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        _ema_update(ema, unet, min(spec.ema_decay, (1 + step) / (10 + step)))
-        losses.append(loss.item())
-        if step % 100 == 0 or step == spec.unet_steps - 1:
-            log.info("unet step %d/%d loss %.5f (mean of last 100: %.5f)", step, spec.unet_steps,
-                     loss.item(), float(np.mean(losses[-100:])))
+    with Progress("UNet training", "step", spec.unet_steps) as progress:
+        for step in range(spec.unet_steps):
+            if position + spec.batch_size > len(epoch):
+                epoch, position = order[torch.randperm(len(order), generator=generator)], 0
+            rows = epoch[position : position + spec.batch_size]
+            position += spec.batch_size
+            x0 = latents[rows].to(device)
+            cond = embeddings[rows].clone().to(device)
+            dropped = (torch.rand(len(rows), generator=generator) < spec.caption_dropout).to(device)
+            cond[dropped] = uncond.to(device)
+            noise = torch.randn(x0.shape, generator=generator).to(device)
+            t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(rows),), generator=generator).to(device)
+            prediction = unet(noise_schedule.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
+            loss = F.mse_loss(prediction, noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            _ema_update(ema, unet, min(spec.ema_decay, (1 + step) / (10 + step)))
+            losses.append(loss.item())
+            if step % 100 == 0 or step == spec.unet_steps - 1:
+                log.info("unet step %d/%d loss %.5f (mean of last 100: %.5f)", step, spec.unet_steps,
+                         loss.item(), float(np.mean(losses[-100:])))
+            progress.update(1)
     return ema.eval(), losses
 
 

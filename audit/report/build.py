@@ -1,0 +1,196 @@
+"""``memaudit report RUN``: ``RUN/report/index.html`` (self-contained), ``summary.json`` and the
+plots as PNG."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from audit.report import html as H
+from audit.report import plots
+from audit.report.similarity import generated_to_train, train_to_train
+from audit.report.stats import LABELS, best_labels, summarise
+from audit.report.tables import complete_table, open_run, require
+from audit.store import write_bytes_atomic
+
+log = logging.getLogger(__name__)
+REPORT_DIR = "report"
+PROMPT_COLUMNS = (
+    ("prompt", "prompt"), ("n_samples", "samples"), ("score", "score"), ("flagged", "flagged"),
+    ("n_matching", "matching verbatim"), ("n_retrieved", "retrieved verbatim"), ("n_template", "template"),
+    ("clique_size", "largest clique"), ("noise_magnitude", "noise magnitude"), ("best_cosine", "best cosine"),
+    ("best_split_product", "best split-product"), ("min_tiled_l2", "min tiled L2"), ("prompt_id", "prompt id"),
+)
+
+
+def write_report(run_path: Path, gallery_size: int = 24, baseline_size: int = 2000) -> Path:
+    """Write the report of a run (re-written from the current tables on every call)."""
+    store, info = open_run(run_path)
+    scores = require(store, "prompt_scores")
+    samples = require(store, "samples", ["sample_id", "prompt_id", "status"])
+    matches = complete_table(store, "matches")
+    neighbors = complete_table(store, "neighbors", ["sample_id", "rank", "row", "score"])
+    prompts = pq.read_table(store.path / "prompts", columns=["prompt_id", "prompt"]).to_pydict()
+    prompt_text = dict(zip(prompts["prompt_id"], prompts["prompt"]))
+    reference = _reference(info)
+    out = store.path / REPORT_DIR
+
+    summary = summarise(scores, samples, matches)
+    generated = generated_to_train(neighbors)
+    baseline = train_to_train(reference, baseline_size) if reference else np.zeros(0, np.float32)
+    figures = {
+        "similarity": plots.similarity_histogram(generated, baseline, out / "similarity.png"),
+        "detectors": plots.detector_distributions(scores, out / "detectors.png"),
+    }
+    pairs = _gallery(store, matches, reference, prompt_text, gallery_size)
+    rows = _prompt_rows(scores, prompt_text)
+    summary.update({
+        "run": {k: info.get(k) for k in ("run_id", "model_name", "checkpoint_id", "created_at")},
+        "run_path": str(store.path.resolve()),
+        "reference": str(reference) if reference else None,
+        "thresholds": {k: info["config"]["detection"][k] for k in
+                       ("flag_score", "match_l2", "template_similarity", "clique_delta", "clique_min")},
+        "similarity": {"generated_to_train": _quantiles(generated), "train_to_train": _quantiles(baseline)},
+        "plots": {name: path.name for name, path in figures.items()},
+        "gallery": [{k: v for k, v in p.items() if not k.endswith("_uri")} for p in pairs],
+        "flagged": [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "score": r["score"]}
+                    for r in rows if r["flagged"]],
+    })
+    write_bytes_atomic(out / "summary.json", json.dumps(summary, indent=2).encode())
+    document = H.page(f"memaudit report — {info.get('model_name')} {info.get('checkpoint_id')}",
+                      _body(info, summary, pairs, figures, rows))
+    write_bytes_atomic(out / "index.html", document.encode())
+    return out / "index.html"
+
+
+def _reference(info: dict[str, Any]) -> Path | None:
+    path = info["config"]["reference"].get("path")
+    if not path:
+        return None
+    if str(path).startswith("builtin:"):
+        from audit.reference.builtin import resolve_reference
+
+        return resolve_reference(str(path))
+    return Path(path) if Path(path).is_dir() else None
+
+
+def _quantiles(values: np.ndarray) -> dict[str, float] | None:
+    if values.size == 0:
+        return None
+    q = np.quantile(values, [0.5, 0.9, 0.99, 1.0])
+    return {"n": int(values.size), "median": float(q[0]), "p90": float(q[1]), "p99": float(q[2]), "max": float(q[3])}
+
+
+def _prompt_rows(scores: pa.Table, prompt_text: dict[str, str]) -> list[dict[str, Any]]:
+    rows = scores.to_pylist()
+    for r in rows:
+        r["prompt"] = prompt_text.get(r["prompt_id"], "")
+        r["flagged"] = bool(r["flagged"])
+    rows.sort(key=lambda r: (-float(r["score"]), r["prompt_id"]))
+    return rows
+
+
+def _gallery(store: Any, matches: pa.Table | None, reference: Path | None, prompt_text: dict[str, str],
+             size: int) -> list[dict[str, Any]]:
+    """The strongest verified pair of each prompt (so one prompt's many copies, or copies of
+    duplicated training items, do not fill it): label (matching > retrieved > template), then the
+    lowest tiled L2."""
+    if matches is None or matches.num_rows == 0 or size <= 0:
+        return []
+    best = best_labels(matches)
+    order = {label: i for i, label in enumerate(LABELS)}
+    chosen: dict[str, dict[str, Any]] = {}
+    for m in matches.filter(pc.equal(matches.column("status"), "ok")).to_pylist():
+        if m["label"] in order and best.get(m["sample_id"]) == m["label"]:
+            pair = m["prompt_id"]
+            current = chosen.get(pair)
+            if current is None or order[m["label"]] < order[current["label"]] or (
+                    m["label"] == current["label"] and m["tiled_l2"] < current["tiled_l2"]):
+                chosen[pair] = m
+    top = sorted(chosen.values(), key=lambda m: (order[m["label"]], m["tiled_l2"], m["sample_id"]))[:size]
+    if not top:
+        return []
+    images = complete_table(store, "samples", ["sample_id", "image_png"], [m["sample_id"] for m in top])
+    generated = dict(zip(images.column("sample_id").to_pylist(), images.column("image_png").to_pylist())) \
+        if images is not None else {}
+    ref_images: dict[int, tuple[str | None, str | None, bytes | None]] = {}
+    if reference is not None:
+        from audit.reference.images import ReferenceImages
+        from audit.reference.index import INDEX_DIR, load_manifest
+
+        ref_images = ReferenceImages(reference, load_manifest(reference / INDEX_DIR)).get(
+            np.array(sorted({int(m["row"]) for m in top})))
+    pairs = []
+    for m in top:
+        key, caption, ref_png = ref_images.get(int(m["row"]), (m["key"], None, None))
+        pairs.append({
+            "sample_id": m["sample_id"], "prompt_id": m["prompt_id"], "prompt": prompt_text.get(m["prompt_id"], ""),
+            "label": m["label"], "own": bool(m["own"]), "row": int(m["row"]), "key": key or m["key"],
+            "caption": caption, "tiled_l2": float(m["tiled_l2"]), "rms": float(m["rms"]),
+            "cosine": float(m["cosine"]), "split_product": float(m["split_product"]),
+            "generated_uri": H.png_data_uri(generated.get(m["sample_id"])), "training_uri": H.png_data_uri(ref_png),
+        })
+    return pairs
+
+
+def _body(info: dict[str, Any], summary: dict[str, Any], pairs: list[dict[str, Any]], figures: dict[str, Path],
+          rows: list[dict[str, Any]]) -> str:
+    cfg = info["config"]
+    e = H.esc
+    parts = [
+        f"<h1>Memorization audit: {e(info.get('model_name'))}</h1>",
+        f'<p class="meta">checkpoint {e(info.get("checkpoint_id"))} · run {e(info.get("run_id"))} · '
+        f"{e(info.get('created_at'))} · model {e(cfg['model']['path'])} · {e(cfg['generation']['samples_per_prompt'])} "
+        f"samples per prompt, {e(cfg['generation']['steps'])} steps, guidance {e(cfg['generation']['guidance_scale'])}"
+        f" · reference {e(summary['reference'] or 'none')}</p>",
+        '<h2 id="summary">Summary</h2><div class="cards">',
+        _card("prompts", summary["prompts"], f"{summary['samples']} samples, {summary['samples_error']} failed"),
+        _rate_card("flagged prompts", summary["flagged_prompts"]),
+    ]
+    for label in LABELS:
+        parts.append(_rate_card(f"samples: {label.replace('_', ' ')}", summary["samples_by_label"][label]))
+    parts.append("</div>")
+    parts.append(f'<p class="meta">Rates with 95% Wilson intervals. A prompt is flagged when its score reaches '
+                 f"{e(summary['thresholds']['flag_score'])}; a pair is a verbatim copy below tiled L2 "
+                 f"{e(summary['thresholds']['match_l2'])}.</p>")
+    parts.append(f'<h2 id="gallery-title">Strongest verified pairs ({len(pairs)})</h2><div class="gallery" id="gallery">')
+    for p in pairs:
+        parts.append(
+            f'<figure class="pair" data-sample="{e(p["sample_id"])}">'
+            + _img(p["generated_uri"], "generated") + _img(p["training_uri"], "training image")
+            + f'<figcaption><b class="label-{e(p["label"])}">{e(p["label"].replace("_", " "))}</b> · tiled L2 '
+              f'{p["tiled_l2"]:.3f} · cosine {p["cosine"]:.3f} · split-product {p["split_product"]:.3f}<br>'
+              f'<i>prompt:</i> <span class="prompt">{e(p["prompt"])}</span><br><i>training key:</i> {e(p["key"])}'
+              + (f'<br><i>training caption:</i> <span class="caption">{e(p["caption"])}</span>' if p["caption"] else "")
+            + "</figcaption></figure>")
+    if not pairs:
+        parts.append("<p>No verified copies.</p>")
+    parts.append('</div><h2 id="plots-title">Distributions</h2><div class="plots" id="plots">')
+    for name, path in figures.items():
+        parts.append(f'<p><img id="plot-{e(name)}" alt="{e(name)} plot" src="{H.file_data_uri(path.read_bytes())}"></p>')
+    parts.append(f'</div><h2 id="prompts-title">Prompts ({len(rows)})</h2><p class="meta">Click a heading to sort.</p>')
+    parts.append(H.sortable_table("prompts", PROMPT_COLUMNS, rows, row_class="flagged"))
+    return "".join(parts)
+
+
+def _img(uri: str | None, alt: str) -> str:
+    if uri is None:
+        return f'<span class="missing">({H.esc(alt)} not available)</span>'
+    return f'<span class="shot"><img alt="{H.esc(alt)}" src="{uri}"><small>{H.esc(alt)}</small></span>'
+
+
+def _card(title: str, value: Any, note: str) -> str:
+    return f'<div class="card"><span>{H.esc(title)}</span><b>{H.esc(value)}</b><span>{H.esc(note)}</span></div>'
+
+
+def _rate_card(title: str, r: dict[str, Any]) -> str:
+    low, high = r["ci95"]
+    return _card(title, f"{r['count']} / {r['of']}",
+                 f"{100 * r['rate']:.1f}% (95% CI {100 * low:.1f}–{100 * high:.1f}%)")

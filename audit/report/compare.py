@@ -1,0 +1,134 @@
+"""``memaudit compare RUN_A RUN_B``: what changed between two audits (e.g. two checkpoints of one
+model): rate deltas, prompts newly memorized and no longer memorized, as HTML and JSON, and a
+release gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from audit.report import html as H
+from audit.report.stats import LABELS, summarise
+from audit.report.tables import complete_table, open_run, require
+from audit.store import write_bytes_atomic
+
+SETTINGS = ("generation", "detection", "embedding")
+
+
+def _load(path: Path) -> dict[str, Any]:
+    store, info = open_run(path)
+    scores = require(store, "prompt_scores")
+    samples = require(store, "samples", ["sample_id", "prompt_id", "status"])
+    prompts = pq.read_table(store.path / "prompts", columns=["prompt_id", "prompt"]).to_pydict()
+    return {
+        "info": info, "path": str(store.path.resolve()),
+        "summary": summarise(scores, samples, complete_table(store, "matches")),
+        "flags": dict(zip(scores.column("prompt_id").to_pylist(), (bool(f) for f in scores.column("flagged").to_pylist()))),
+        "score": dict(zip(scores.column("prompt_id").to_pylist(), scores.column("score").to_pylist())),
+        "text": dict(zip(prompts["prompt_id"], prompts["prompt"])),
+    }
+
+
+def compare_runs(path_a: Path, path_b: Path) -> dict[str, Any]:
+    a, b = _load(path_a), _load(path_b)
+    common = sorted(set(a["flags"]) & set(b["flags"]))
+
+    def listed(ids: list[str]) -> list[dict[str, Any]]:
+        return [{"prompt_id": p, "prompt": b["text"].get(p) or a["text"].get(p, ""),
+                 "score_a": a["score"][p], "score_b": b["score"][p]} for p in ids]
+
+    new = [p for p in common if b["flags"][p] and not a["flags"][p]]
+    gone = [p for p in common if a["flags"][p] and not b["flags"][p]]
+    both = [p for p in common if a["flags"][p] and b["flags"][p]]
+    rates = {"flagged_prompts": _delta(a["summary"]["flagged_prompts"], b["summary"]["flagged_prompts"])}
+    for label in LABELS:
+        rates[f"samples_{label}"] = _delta(a["summary"]["samples_by_label"][label], b["summary"]["samples_by_label"][label])
+    return {
+        "a": _meta(a), "b": _meta(b),
+        "common_prompts": len(common),
+        "only_in_a": len(set(a["flags"]) - set(b["flags"])),
+        "only_in_b": len(set(b["flags"]) - set(a["flags"])),
+        "rates": rates,
+        "newly_memorized": listed(new),
+        "no_longer_memorized": listed(gone),
+        "still_memorized": listed(both),
+        "settings_differences": _differences(a["info"]["config"], b["info"]["config"]),
+    }
+
+
+def gate(result: dict[str, Any], fail_if_new: bool, max_rate_increase: float | None) -> list[str]:
+    """Why the release gate fails (empty: it passes)."""
+    reasons = []
+    if fail_if_new and result["newly_memorized"]:
+        reasons.append(f"{len(result['newly_memorized'])} prompts newly memorized")
+    delta = result["rates"]["flagged_prompts"]["delta"]
+    if max_rate_increase is not None and delta > max_rate_increase:
+        reasons.append(f"flagged-prompt rate rose by {delta:.4f} (> {max_rate_increase})")
+    return reasons
+
+
+def write_compare(result: dict[str, Any], out: Path) -> Path:
+    write_bytes_atomic(out / "compare.json", json.dumps(result, indent=2).encode())
+    write_bytes_atomic(out / "index.html", H.page("memaudit compare", _body(result)).encode())
+    return out / "index.html"
+
+
+def default_out(path_b: Path, result: dict[str, Any]) -> Path:
+    a = result["a"]
+    return path_b / "compare" / f"vs-{a['model_name']}-{a['checkpoint_id']}-{a['run_id']}"
+
+
+def _meta(run: dict[str, Any]) -> dict[str, Any]:
+    info = run["info"]
+    return {"path": run["path"], "model_name": info.get("model_name"), "checkpoint_id": info.get("checkpoint_id"),
+            "run_id": info.get("run_id"), "prompts": run["summary"]["prompts"], "samples": run["summary"]["samples"]}
+
+
+def _delta(ra: dict[str, Any], rb: dict[str, Any]) -> dict[str, Any]:
+    return {"a": ra, "b": rb, "delta": rb["rate"] - ra["rate"]}
+
+
+def _differences(ca: dict[str, Any], cb: dict[str, Any]) -> dict[str, list[Any]]:
+    found = {}
+    for section in SETTINGS:
+        for key in sorted(set(ca.get(section, {})) | set(cb.get(section, {}))):
+            va, vb = ca.get(section, {}).get(key), cb.get(section, {}).get(key)
+            if va != vb:
+                found[f"{section}.{key}"] = [va, vb]
+    if ca["model"]["path"] != cb["model"]["path"]:
+        found["model.path"] = [ca["model"]["path"], cb["model"]["path"]]
+    return found
+
+
+def _body(result: dict[str, Any]) -> str:
+    e = H.esc
+    a, b = result["a"], result["b"]
+    parts = [
+        "<h1>Memorization audit: comparison</h1>",
+        f'<p class="meta">A: {e(a["model_name"])} checkpoint {e(a["checkpoint_id"])} run {e(a["run_id"])}<br>'
+        f'B: {e(b["model_name"])} checkpoint {e(b["checkpoint_id"])} run {e(b["run_id"])}<br>'
+        f'{result["common_prompts"]} prompts in both, {result["only_in_a"]} only in A, {result["only_in_b"]} only in B</p>',
+        '<h2>Rates</h2><table id="rates"><thead><tr><th>rate</th><th>A</th><th>B</th><th>change</th></tr></thead><tbody>',
+    ]
+    for name, r in result["rates"].items():
+        parts.append(f"<tr><td>{e(name.replace('_', ' '))}</td><td>{_rate(r['a'])}</td><td>{_rate(r['b'])}</td>"
+                     f'<td class="num">{100 * r["delta"]:+.1f} pts</td></tr>')
+    parts.append("</tbody></table>")
+    columns = (("prompt", "prompt"), ("score_a", "score A"), ("score_b", "score B"), ("prompt_id", "prompt id"))
+    for key, title in (("newly_memorized", "Newly memorized (flagged in B, not in A)"),
+                       ("no_longer_memorized", "No longer memorized (flagged in A, not in B)"),
+                       ("still_memorized", "Memorized in both")):
+        parts.append(f'<h2>{e(title)}: {len(result[key])}</h2>')
+        parts.append(H.sortable_table(key, columns, result[key]) if result[key] else "<p>None.</p>")
+    if result["settings_differences"]:
+        parts.append("<h2>Settings that differ</h2><ul>" + "".join(
+            f"<li>{e(k)}: {e(v[0])} → {e(v[1])}</li>" for k, v in result["settings_differences"].items()) + "</ul>")
+    return "".join(parts)
+
+
+def _rate(r: dict[str, Any]) -> str:
+    low, high = r["ci95"]
+    return H.esc(f"{r['count']}/{r['of']} = {100 * r['rate']:.1f}% ({100 * low:.1f}–{100 * high:.1f}%)")

@@ -1,0 +1,77 @@
+"""The report's figures, drawn with matplotlib (Agg) and saved as PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+
+DPI = 110
+
+
+def similarity_histogram(generated: np.ndarray, baseline: np.ndarray, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    bins = np.linspace(min([0.0, *(float(a.min()) for a in (generated, baseline) if a.size)]), 1.0, 41)
+    if baseline.size:
+        ax.hist(baseline, bins=bins, density=True, alpha=0.55, label=f"train → train (n={baseline.size})", color="#7f7f7f")
+    if generated.size:
+        ax.hist(generated, bins=bins, density=True, alpha=0.55, label=f"generated → train (n={generated.size})",
+                color="#d62728")
+    ax.set_xlabel("similarity to the nearest training item (cosine)")
+    ax.set_ylabel("density")
+    ax.set_title("Nearest training item: generations vs the training set itself")
+    if generated.size or baseline.size:
+        ax.legend(loc="upper left")
+    else:
+        ax.text(0.5, 0.5, "no reference set: no neighbours", ha="center", va="center", transform=ax.transAxes)
+    return _save(fig, out)
+
+
+SIGNALS = (
+    ("noise_magnitude", "noise magnitude (Wen et al.)"),
+    ("clique_fraction", "largest clique / samples (Carlini et al.)"),
+    ("best_cosine", "best neighbour cosine"),
+    ("min_tiled_l2", "min tiled L2 of verified pairs"),
+    ("score", "memorization score"),
+)
+
+
+def detector_distributions(scores: pa.Table, out: Path) -> Path:
+    """One panel per signal: its distribution over prompts, flagged and not flagged apart."""
+    flagged = scores.column("flagged").to_numpy(zero_copy_only=False).astype(bool)
+    values = {name: scores.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+              for name, _ in SIGNALS if name != "clique_fraction"}
+    n = np.maximum(scores.column("n_samples").to_numpy().astype(np.float64), 1)
+    values["clique_fraction"] = scores.column("clique_size").to_numpy().astype(np.float64) / n
+    fig, axes = plt.subplots(1, len(SIGNALS), figsize=(3.0 * len(SIGNALS), 3.0))
+    for ax, (name, title) in zip(axes, SIGNALS):
+        data = values[name]
+        finite = np.isfinite(data)
+        if finite.any():
+            bins = np.linspace(data[finite].min(), data[finite].max() + 1e-9, 16)
+            for mask, label, colour in ((~flagged, "not flagged", "#1f77b4"), (flagged, "flagged", "#d62728")):
+                chosen = data[mask & finite]
+                if chosen.size:
+                    ax.hist(chosen, bins=bins, alpha=0.6, label=f"{label} ({chosen.size})", color=colour)
+        else:
+            ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("prompts" if name == SIGNALS[0][0] else "")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Detector signals per prompt", fontsize=10)
+    return _save(fig, out)
+
+
+def _save(fig: plt.Figure, out: Path) -> Path:
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, dpi=DPI, format="png")
+    plt.close(fig)
+    tmp.replace(out)
+    return out

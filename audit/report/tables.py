@@ -1,0 +1,48 @@
+"""Reading a run's tables for reports: complete shards only, as pyarrow tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from audit.errors import InputError
+from audit.store import RunStore
+
+
+def open_run(path: Path) -> tuple[RunStore, dict[str, Any]]:
+    """The run's store and run.json; a clear error when ``path`` is not a run folder."""
+    store = RunStore(path)
+    info = store.read_json()
+    if info is None:
+        raise InputError(f"{path}: not a run folder (no run.json); pass the folder `memaudit run` printed "
+                         "(<root>/model=…/checkpoint=…/run=…)")
+    return store, info
+
+
+def complete_table(store: RunStore, table: str, columns: list[str] | None = None,
+                   sample_ids: list[str] | None = None) -> pa.Table | None:
+    """The rows of every complete shard of ``table`` (None when it has none); optionally only
+    some columns and only the rows of some samples."""
+    folder = store.table_dir(table)
+    names = sorted(p.stem for p in folder.glob("*.parquet")) if folder.is_dir() else []
+    parts = []
+    for name in names:
+        if not store.is_complete(table, name):
+            continue
+        part = pq.read_table(store.shard_path(table, name), columns=columns)
+        if sample_ids is not None:
+            part = part.filter(pc.is_in(part.column("sample_id"), pa.array(sample_ids, pa.string())))
+        parts.append(part)
+    return pa.concat_tables(parts) if parts else None
+
+
+def require(store: RunStore, table: str, columns: list[str] | None = None) -> pa.Table:
+    found = complete_table(store, table, columns)
+    if found is None:
+        raise InputError(f"{store.path}: no complete {table}/ shards; run `memaudit run` on its config "
+                         "first (it resumes where it stopped)")
+    return found

@@ -1,0 +1,148 @@
+"""``memaudit verify RUN``: reconcile a run folder with its plan — every planned sample_id present
+exactly once, nothing unplanned, every marker matching its file (size, sha256, rows), derived
+tables aligned with the samples they were computed from, and no leftover temporary files."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from audit.errors import InputError
+from audit.ids import shard_name
+from audit.store import MARKERS, TMP_TAG, RunStore, file_sha256
+
+DERIVED = ("embeddings", "neighbors", "matches", "prompt_scores")
+
+
+@dataclass
+class Verification:
+    planned_samples: int = 0
+    present_samples: int = 0
+    complete_shards: int = 0
+    planned_shards: int = 0
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "planned_samples": self.planned_samples, "present_samples": self.present_samples,
+                "planned_shards": self.planned_shards, "complete_shards": self.complete_shards,
+                "problems": self.problems, "notes": self.notes}
+
+
+def verify_run(path: Path) -> Verification:
+    store = RunStore(path)
+    info = store.read_json()
+    if info is None:
+        raise InputError(f"{path}: not a run folder (no run.json)")
+    prompts_file = store.table_dir("prompts") / "prompts.parquet"
+    if not prompts_file.is_file():
+        raise InputError(f"{prompts_file}: missing; the run was never planned")
+    prompts = pq.read_table(prompts_file, columns=["prompt_id", "shard"]).to_pydict()
+    per_prompt = int(info["config"]["generation"]["samples_per_prompt"])
+    n_shards = int(info["prompts"]["n_shards"])
+    result = Verification(planned_shards=n_shards)
+    planned: dict[str, str] = {}  # sample_id -> shard name
+    for pid, shard in zip(prompts["prompt_id"], prompts["shard"]):
+        for idx in range(per_prompt):
+            planned[f"{pid}-{idx:05d}"] = shard_name(int(shard), n_shards)
+    result.planned_samples = len(planned)
+    names = [shard_name(i, n_shards) for i in range(n_shards)]
+    present: Counter[str] = Counter()
+    ids_by_shard: dict[str, list[str]] = {}
+    for name in names:
+        ids = _check_shard(store, "samples", name, result)
+        if ids is None:
+            continue
+        result.complete_shards += 1
+        ids_by_shard[name] = ids
+        present.update(ids)
+        misplaced = [s for s in ids if s in planned and planned[s] != name]
+        if misplaced:
+            result.problems.append(f"samples/{name}: {len(misplaced)} samples planned for another shard, e.g. {misplaced[0]}")
+    result.present_samples = sum(present.values())
+    duplicated = [s for s, n in present.items() if n > 1]
+    if duplicated:
+        result.problems.append(f"{len(duplicated)} sample_ids present more than once, e.g. {duplicated[0]}")
+    unplanned = [s for s in present if s not in planned]
+    if unplanned:
+        result.problems.append(f"{len(unplanned)} sample_ids not in the plan, e.g. {unplanned[0]}")
+    missing = [s for s, shard in planned.items() if s not in present and shard in ids_by_shard]
+    if missing:
+        result.problems.append(f"{len(missing)} planned sample_ids missing from complete shards, e.g. {missing[0]}")
+    incomplete = [n for n in names if n not in ids_by_shard]
+    if incomplete:
+        result.notes.append(f"{len(incomplete)} of {n_shards} samples shards not complete yet (run again to finish): "
+                            f"{', '.join(incomplete[:5])}{' …' if len(incomplete) > 5 else ''}")
+    _check_extra_files(store, "samples", set(names), result)
+    for table in DERIVED:
+        _check_derived(store, table, ids_by_shard, result)
+    return result
+
+
+def _check_shard(store: RunStore, table: str, name: str, result: Verification) -> list[str] | None:
+    """sample_ids of a complete shard after checking it against its marker; None if incomplete."""
+    path, marker = store.shard_path(table, name), store.read_marker(table, name)
+    if marker is None:
+        if path.exists():
+            result.notes.append(f"{table}/{name}: file without a completion marker (an unfinished write; redone on "
+                                "the next run)")
+        return None
+    where = f"{table}/{name}"
+    if not path.exists():
+        result.problems.append(f"{where}: marker says complete but the file is missing")
+        return None
+    if path.stat().st_size != marker.get("bytes"):
+        result.problems.append(f"{where}: {path.stat().st_size} bytes, its marker says {marker.get('bytes')}")
+        return None
+    if file_sha256(path) != marker.get("sha256"):
+        result.problems.append(f"{where}: sha256 differs from its marker (the file changed after it was written)")
+        return None
+    try:
+        table_ = pq.read_table(path, columns=["sample_id"] if table != "prompt_scores" else ["prompt_id"])
+    except Exception as exc:  # noqa: BLE001 - an unreadable file is a finding, not a crash
+        result.problems.append(f"{where}: unreadable Parquet ({type(exc).__name__}: {exc})")
+        return None
+    ids = table_.column(0).to_pylist()
+    rows = marker.get("rows")
+    if table in ("samples", "embeddings", "prompt_scores") and rows is not None and rows != len(ids):
+        result.problems.append(f"{where}: {len(ids)} rows, its marker says {rows}")
+    return ids
+
+
+def _check_derived(store: RunStore, table: str, samples: dict[str, list[str]], result: Verification) -> None:
+    folder = store.table_dir(table)
+    if not folder.is_dir():
+        return
+    names = sorted(p.stem for p in folder.glob("*.parquet")) + sorted(
+        p.stem for p in (folder / MARKERS).glob("*.json") if not (folder / f"{p.stem}.parquet").exists())
+    for name in dict.fromkeys(names):
+        ids = _check_shard(store, table, name, result)
+        if ids is None or name not in samples:
+            continue
+        if table == "embeddings" and ids != samples[name]:
+            result.problems.append(f"embeddings/{name}: rows are not aligned with samples/{name}")
+        elif table in ("neighbors", "matches") and not set(ids) <= set(samples[name]):
+            result.problems.append(f"{table}/{name}: rows for samples that samples/{name} does not hold")
+    _check_extra_files(store, table, set(samples), result, derived=True)
+
+
+def _check_extra_files(store: RunStore, table: str, names: set[str], result: Verification, derived: bool = False) -> None:
+    folder = store.table_dir(table)
+    if not folder.is_dir():
+        return
+    leftovers = [p.name for p in folder.iterdir() if TMP_TAG in p.name]
+    if leftovers:
+        result.notes.append(f"{table}/: {len(leftovers)} temporary files of interrupted writes (removed by the "
+                            f"next run after a day), e.g. {leftovers[0]}")
+    if not derived:
+        stray = [p.name for p in folder.glob("*.parquet") if p.stem not in names]
+        if stray:
+            result.problems.append(f"{table}/: {len(stray)} files that are not planned shards, e.g. {stray[0]}")

@@ -1,0 +1,18 @@
+"""Ray Jobs entrypoint for scheduled audits: every checkpoint under a folder not audited yet is
+audited once on the job's cluster, then compared with the previous checkpoint of its model.
+
+    ray job submit --address http://HEAD:8265 -- \\
+        python jobs/watch.py /checkpoints/sd-finetune CONFIG --set run.root=/runs [--fail-if-new-memorized]
+
+Safe to submit on a schedule (cron, a Kubernetes CronJob): finished checkpoints are skipped
+without touching the cluster, and a checkpoint another invocation is auditing is left to it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from audit.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["watch", *sys.argv[1:]]))

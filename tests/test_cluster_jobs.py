@@ -1,0 +1,117 @@
+"""A real 2-node Ray cluster on this machine (`ray start --head` on 127.0.0.1 plus a second
+`ray start --address` node with its own resources); the testbed audit is submitted through the
+Ray Jobs API, and submitting it again is a no-op resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helpers import PROMPTS, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    if shutil.which("ray", path=str(Path(RAY).parent)) is None:
+        pytest.fail(f"{RAY} not found: the Ray CLI comes with ray[default]")
+    temp = Path("/tmp") / f"ray-2node-{os.getpid()}"  # Unix socket paths must stay short
+    gcs, dashboard = free_port(), free_port()
+    # token authentication, as a real cluster has it: every node, driver and client gets the token
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
+    saved = {k: os.environ.get(k) for k in auth}
+    os.environ.update(auth)
+    env = dict(os.environ)
+    head = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=1",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+            f"--temp-dir={temp}", "--resources={\"head_node\": 1}"]
+    worker = [RAY, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+              "--resources={\"second_node\": 1}"]
+    try:
+        subprocess.run(head, env=env, check=True, capture_output=True, timeout=180)
+        subprocess.run(worker, env=env, check=True, capture_output=True, timeout=180)
+        yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env,
+               "tmp": tmp_path_factory.mktemp("cluster")}
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+NODES = """
+import json, sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+print(json.dumps([sorted(n["Resources"]) for n in ray.nodes() if n["Alive"]]))
+"""
+
+
+def cli(cluster: dict, *args: str, timeout: float = 120) -> str:
+    """`ray job ...` against the cluster (a fresh process: Ray reads the auth token at import)."""
+    done = subprocess.run([RAY, "job", args[0], "--address", cluster["dashboard"], *args[1:]], env=cluster["env"],
+                          capture_output=True, text=True, timeout=timeout, check=True)
+    return done.stdout
+
+
+def submit_and_wait(cluster: dict, submission_id: str, entrypoint: list[str], timeout: float = 480) -> tuple[str, str]:
+    cli(cluster, "submit", "--no-wait", "--submission-id", submission_id, "--", *entrypoint)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = cli(cluster, "status", submission_id)
+        for final in ("SUCCEEDED", "FAILED", "STOPPED"):
+            if f"'{submission_id}' {final.lower()}" in status.lower() or f"status: {final}" in status:
+                return final, cli(cluster, "logs", submission_id)
+        time.sleep(3)
+    raise TimeoutError(f"job {submission_id}: {cli(cluster, 'logs', submission_id)[-3000:]}")
+
+
+def test_audit_submitted_through_the_jobs_api_on_two_nodes_then_resubmitted(cluster: dict) -> None:
+    nodes = json.loads(subprocess.run([sys.executable, "-c", NODES, cluster["gcs"]], env=cluster["env"], check=True,
+                                      capture_output=True, text=True, timeout=120).stdout.strip().splitlines()[-1])
+    assert len(nodes) == 2 and {"head_node", "second_node"} <= {r for n in nodes for r in n}
+    tmp = cluster["tmp"]
+    (tmp / "prompts.txt").write_text("\n".join(PROMPTS[:4]) + "\n")
+    cfg = write_config(tmp / "audit.yaml", run={"root": str(tmp / "runs")},
+                       model={"path": "builtin:tiny"}, prompts={"source": str(tmp / "prompts.txt")},
+                       generation={"samples_per_prompt": 2, "steps": 2, "prompts_per_shard": 1},
+                       compute={"batch_size": 2, "num_workers": 2})
+    entrypoint = [sys.executable, str(REPO / "jobs" / "run.py"), str(cfg)]
+    status, logs = submit_and_wait(cluster, "audit-first", entrypoint)
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert "samples: 8 written this time (4 shards)" in logs and "report: " in logs
+    run = Path(next(line for line in logs.splitlines() if line.startswith("run: ")).removeprefix("run: "))
+    markers = [json.loads(p.read_text()) for p in sorted((run / "samples" / "_markers").glob("*.json"))]
+    assert len(markers) == 4 and sum(m["rows"] for m in markers) == 8
+    assert len({m["pid"] for m in markers}) == 2  # two generation actors, one per 1-CPU node
+    assert (run / "prompt_scores").is_dir() and (run / "report" / "index.html").is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "samples").glob("*.parquet")}
+
+    status, logs = submit_and_wait(cluster, "audit-again", entrypoint)  # the same run again: a no-op resume
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert "samples: 0 written this time (0 shards), 4 of 4 shards already complete" in logs
+    assert {p: p.stat().st_mtime_ns for p in (run / "samples").glob("*.parquet")} == stamps
