@@ -25,6 +25,7 @@ from audit.generate.loading import (
 )
 from audit.plan import PromptPlan, plan_prompts
 from audit.prompts import read_prompts
+from audit.redact import redact
 from audit.store import RunStore, run_dir
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def open_run(inputs: PreparedInputs, device_type: str, dtype: str) -> RunStore:
     if not (store.table_dir("prompts") / PROMPTS_FILE).exists():
         store.write_table("prompts", PROMPTS_FILE, inputs.plan.table)
     if existing is None:
-        store.write_json(_run_json(inputs, identity, digest, model_name, checkpoint_id, run_id))
+        store.write_json(redact(_run_json(inputs, identity, digest, model_name, checkpoint_id, run_id)))
         log.info("new run %s", store.path)
     else:
         log.info("resuming run %s", store.path)
@@ -98,7 +99,7 @@ def _check_same_run(store: RunStore, existing: dict[str, Any], identity: dict[st
         if changed:
             log.warning("resuming with other package versions than the run started with: %s", ", ".join(changed))
         return
-    old, new = _flatten(existing.get("identity", {})), _flatten(identity)
+    old, new = _flatten(existing.get("identity", {})), _flatten(redact(identity))
     differences = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     raise InputError(
         f"{store.path}: this run was made with other settings ({'; '.join(differences) or 'unknown'}); "

@@ -48,7 +48,7 @@ def test_join_over_ivf_shards_keeps_recall(ray_local: str, tmp_path: Path) -> No
     centres = rng.standard_normal((40, 64)) * 3
     base = unit(centres[rng.integers(0, 40, 12_000)] + rng.standard_normal((12_000, 64)))
     root = write_folder(tmp_path / "ref", [base])
-    manifest = build_index(root, ReferenceSection(index_factory="IVF32,PQ16x8", vectors_per_shard=6000,
+    manifest = build_index(root, ReferenceSection(index_factory="IVF32,SQ8", vectors_per_shard=6000,
                                                   train_sample=3000))
     queries = unit(centres[rng.integers(0, 40, 256)] + rng.standard_normal((256, 64))).astype(np.float32)
     truth = np.argsort(-(queries @ unit(base.astype(np.float16).astype(np.float32)).T), axis=1)[:, :10]

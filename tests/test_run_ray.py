@@ -68,7 +68,7 @@ def first_run(ray_local: str, tiny_checkpoint: Path, tmp_path_factory: pytest.Te
     with redirect_stdout(out):
         code = main(["run", str(cfg)])
     run = _run_path(out.getvalue())
-    return {"code": code, "stdout": out.getvalue(), "run": run, "cfg": cfg, "state": _state(run)}
+    return {"code": code, "stdout": out.getvalue(), "run": run, "cfg": cfg, "state": _state(run), "ray": ray_local}
 
 
 def test_local_ray_listens_on_loopback(ray_local: str) -> None:
@@ -176,16 +176,49 @@ def test_retry_failed_regenerates_only_failed_rows(first_run: dict, tmp_path: Pa
     assert all(after[n] == untouched[n] for n in after if "shard-00001" not in n)
 
 
-def test_killed_run_keeps_finished_shards_and_resumes(ray_local: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
+def _payload(run: Path) -> dict[str, tuple]:
+    """Every sample's payload columns, by sample_id."""
+    table = pq.read_table(run / "samples", columns=["sample_id", "seed", "image_png", "noise_magnitude", "status"])
+    return {r["sample_id"]: (r["seed"], r["image_png"], r["noise_magnitude"], r["status"]) for r in table.to_pylist()}
+
+
+def _wait_for_marker(root: Path, proc: subprocess.Popen, timeout: float = 240) -> list[Path]:
+    markers: list[Path] = []
+    deadline = time.time() + timeout
+    while time.time() < deadline and not markers and proc.poll() is None:
+        markers = list(root.glob("*/*/*/samples/_markers/*.json"))
+        time.sleep(0.05)
+    return markers
+
+
+def test_generation_actor_killed_mid_run_is_replaced_and_the_result_is_identical(
+        first_run: dict, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import psutil
+
+    cfg = _config(tmp_path, tiny_checkpoint, tmp_path / "prompts.txt", tmp_path / "runs")
+    ray_address = first_run["ray"]
+    proc = subprocess.Popen([sys.executable, "-m", "audit.cli", "-q", "run", str(cfg), "--address", ray_address],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    markers = _wait_for_marker(tmp_path / "runs", proc)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::GenerationWorker" in " ".join(p.info["cmdline"] or [])]
+    assert markers and workers, proc.communicate()[0].decode(errors="replace")
+    for worker in workers:
+        worker.kill()  # SIGKILL while it generates its next shard
+    output = proc.communicate(timeout=300)[0].decode(errors="replace")
+    assert proc.returncode == 0, output
+    assert "retrying" in output, output  # the pool saw the actor die and gave its shard to a new one
+    run = markers[0].parents[2]
+    assert _payload(run) == _payload(first_run["run"])  # 0 lost, 0 duplicated, byte-identical
+    assert main(["verify", str(run)]) == 0
+
+
+def test_killed_run_keeps_finished_shards_and_resumes(ray_local: str, tiny_checkpoint: Path, tmp_path: Path,
+                                                      first_run: dict) -> None:
     cfg = _config(tmp_path, tiny_checkpoint, tmp_path / "prompts.txt", tmp_path / "runs")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "audit.cli", "-q", "run", str(cfg), "--address", ray_local],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    markers: list[Path] = []
-    deadline = time.time() + 240
-    while time.time() < deadline and not markers and proc.poll() is None:
-        markers = list((tmp_path / "runs").glob("*/*/*/samples/_markers/*.json"))
-        time.sleep(0.05)
+    markers = _wait_for_marker(tmp_path / "runs", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     output = proc.communicate()[0].decode(errors="replace")
     assert markers, f"no shard finished before the deadline:\n{output}"
@@ -205,6 +238,8 @@ def test_killed_run_keeps_finished_shards_and_resumes(ray_local: str, tiny_check
     for name in finished:
         if name.removesuffix(".parquet").removesuffix(".json") in complete:
             assert after[name] == finished[name], f"{name} was regenerated"
+    assert _payload(run) == _payload(first_run["run"])  # byte-identical to the uninterrupted run
+    assert main(["verify", str(run)]) == 0
 
 
 def _copy_of_first_run(first_run: dict, tmp_path: Path) -> tuple[Path, Path]:
