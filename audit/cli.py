@@ -9,6 +9,7 @@ samples have status ``error`` (re-run with ``--retry-failed``); 4 a release gate
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -41,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     run.add_argument("--retry-failed", action="store_true", help="also redo samples whose status is an error")
     run.add_argument("--no-report", action="store_true", help="skip writing RUN/report/ at the end")
+    run.add_argument("--force", action="store_true",
+                     help="a run folder made with other settings is renamed aside (nothing deleted) and started again")
 
     show = commands.add_parser("config", help="validate a config and print it with every default")
     with_config(show)
@@ -164,7 +167,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from audit.pipeline import run_audit  # imports Ray and torch: only when running
 
-    result = run_audit(cfg, address=args.address, retry_failed=args.retry_failed)
+    result = run_audit(cfg, address=args.address, retry_failed=args.retry_failed, force=args.force)
     report = result.generation
     print(f"run: {result.run_path}")
     print(
@@ -172,6 +175,10 @@ def _run(args: argparse.Namespace) -> int:
         f"{report.shards_skipped} of {report.shards_total} shards already complete"
         + (f", {report.images_per_second:.2f} images/s" if report.samples_written else "")
     )
+    truncated = (json.loads((result.run_path / "run.json").read_text())["prompts"].get("truncated") or {})
+    if truncated.get("count"):
+        print(f"prompts: {truncated['count']} longer than the text encoder's {truncated['max_tokens']} tokens, "
+              f"truncated to them (run.json: prompts.truncated)")
     totals = _totals(result.run_path, report.shards_total)
     print(f"status: {totals.get('ok', 0)} ok, {totals.get('error', 0)} error "
           f"in {totals['complete_shards']} of {report.shards_total} complete shards")

@@ -9,6 +9,7 @@ never mixed with new ones.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -23,6 +24,7 @@ from audit.generate.loading import (
     preflight,
     resolve_numerics,
 )
+from audit.generate.tokens import truncated_prompts
 from audit.plan import PromptPlan, plan_prompts
 from audit.prompts import read_prompts
 from audit.redact import redact
@@ -42,6 +44,7 @@ class PreparedInputs:
     pipeline: PipelineInfo
     checkpoint: dict[str, Any]
     plan: PromptPlan
+    truncated: dict[str, Any]
 
 
 def prepare_inputs(cfg: AuditConfig) -> PreparedInputs:
@@ -55,8 +58,10 @@ def prepare_inputs(cfg: AuditConfig) -> PreparedInputs:
         "%d distinct prompts (%d duplicates merged, %d blank skipped) in %d shards",
         plan.n_prompts, plan.duplicates, plan.skipped_blank, plan.n_shards,
     )
+    truncated = truncated_prompts(model.folder, plan.table.column("prompt_id").to_pylist(),
+                                  plan.table.column("prompt").to_pylist())
     log.info("hashing checkpoint %s", model.folder)
-    return PreparedInputs(cfg, model, info, checkpoint_digest(model.folder), plan)
+    return PreparedInputs(cfg, model, info, checkpoint_digest(model.folder), plan, truncated)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -69,8 +74,9 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def open_run(inputs: PreparedInputs, device_type: str, dtype: str) -> RunStore:
-    """Create the run folder (prompts table, then run.json) or reopen a matching one."""
+def open_run(inputs: PreparedInputs, device_type: str, dtype: str, force: bool = False) -> RunStore:
+    """Create the run folder (prompts table, then run.json) or reopen a matching one. A folder
+    made with other settings is refused, or with ``force`` set aside (renamed, never deleted)."""
     cfg = inputs.cfg
     identity = cfg.result_identity(inputs.checkpoint["sha256"], inputs.plan.sha256, device_type, dtype)
     digest = fingerprint(identity)
@@ -80,7 +86,15 @@ def open_run(inputs: PreparedInputs, device_type: str, dtype: str) -> RunStore:
     store = RunStore(run_dir(cfg.run.root, model_name, checkpoint_id, run_id))
     existing = store.read_json()
     if existing is not None:
-        _check_same_run(store, existing, identity, digest)
+        try:
+            _check_same_run(store, existing, identity, digest)
+        except InputError:
+            if not force:
+                raise
+            aside = store.path.with_name(f"{store.path.name}.superseded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+            store.path.rename(aside)
+            log.warning("--force: the run folder made with other settings is kept as %s; starting it again", aside)
+            existing = None
     if not (store.table_dir("prompts") / PROMPTS_FILE).exists():
         store.write_table("prompts", PROMPTS_FILE, inputs.plan.table)
     if existing is None:
@@ -103,7 +117,7 @@ def _check_same_run(store: RunStore, existing: dict[str, Any], identity: dict[st
     differences = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     raise InputError(
         f"{store.path}: this run was made with other settings ({'; '.join(differences) or 'unknown'}); "
-        "set another run.run_id, or delete the run folder to start it again"
+        "set another run.run_id, or pass --force to set this folder aside (renamed, nothing deleted) and start again"
     )
 
 
@@ -146,6 +160,7 @@ def _run_json(
             "n_shards": plan.n_shards,
             "samples_per_prompt": cfg.generation.samples_per_prompt,
             "n_samples": plan.n_prompts * cfg.generation.samples_per_prompt,
+            "truncated": inputs.truncated,
         },
         "environment": provenance.environment(),
     }

@@ -80,6 +80,11 @@ def cli(cluster: dict, *args: str, timeout: float = 120) -> str:
 
 def submit_and_wait(cluster: dict, submission_id: str, entrypoint: list[str], timeout: float = 480) -> tuple[str, str]:
     cli(cluster, "submit", "--no-wait", "--submission-id", submission_id, "--", *entrypoint)
+    return wait(cluster, submission_id, timeout)
+
+
+def wait(cluster: dict, submission_id: str, timeout: float = 480) -> tuple[str, str]:
+    """(final status, logs) of a submitted job."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         status = cli(cluster, "status", submission_id)
@@ -115,3 +120,33 @@ def test_audit_submitted_through_the_jobs_api_on_two_nodes_then_resubmitted(clus
     assert status == "SUCCEEDED", logs[-3000:]
     assert "samples: 0 written this time (0 shards), 4 of 4 shards already complete" in logs
     assert {p: p.stat().st_mtime_ns for p in (run / "samples").glob("*.parquet")} == stamps
+
+
+@pytest.mark.slow
+def test_losing_a_worker_node_mid_run_still_completes_every_sample_once(cluster: dict) -> None:
+    import psutil
+
+    tmp = cluster["tmp"]
+    (tmp / "prompts8.txt").write_text("\n".join(PROMPTS[:8]) + "\n")
+    cfg = write_config(tmp / "node-loss.yaml", run={"root": str(tmp / "node-loss")},
+                       model={"path": "builtin:tiny"}, prompts={"source": str(tmp / "prompts8.txt")},
+                       generation={"samples_per_prompt": 4, "steps": 6, "prompts_per_shard": 1},
+                       compute={"batch_size": 4, "num_workers": 2})
+    cli(cluster, "submit", "--no-wait", "--submission-id", "audit-node-loss", "--",
+        sys.executable, str(REPO / "jobs" / "run.py"), str(cfg))
+    deadline, pids = time.time() + 300, set()
+    while time.time() < deadline and len(pids) < 2:  # both generation actors busy (each finished a shard)
+        pids = {json.loads(p.read_text())["pid"] for p in (tmp / "node-loss").glob("*/*/*/samples/_markers/*.json")}
+        time.sleep(0.1)
+    assert len(pids) == 2
+    raylets = [p for p in psutil.process_iter(["cmdline"]) if "raylet" in " ".join(p.info["cmdline"] or [])[:200]
+               and "second_node" in " ".join(p.info["cmdline"] or [])]
+    assert len(raylets) == 1
+    raylets[0].kill()  # the worker node is gone, with the generation actor it held
+    status, logs = wait(cluster, "audit-node-loss")
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "retrying" in logs, logs[-4000:]  # a shard was lost with the node and done again
+    run = Path(next(line for line in logs.splitlines() if line.startswith("run: ")).removeprefix("run: "))
+    from audit.cli import main
+
+    assert main(["verify", str(run)]) == 0  # all 32 planned samples, each exactly once

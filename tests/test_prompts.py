@@ -115,3 +115,13 @@ def test_shard_samples_every_id_once_with_derived_seeds(tmp_path: Path) -> None:
         for pid, idx, seed in zip(rows["prompt_id"], rows["sample_idx"], rows["seed"]):
             assert seed == ids.sample_seed(11, pid, int(idx))
     assert len(all_ids) == len(set(all_ids)) == 35
+
+
+def test_prompts_longer_than_the_text_encoder_reads_are_counted(tiny_checkpoint: Path) -> None:
+    from audit.generate.tokens import truncated_prompts
+
+    long_prompt = " ".join(["a very long caption about a lighthouse"] * 400)  # ~15k characters
+    found = truncated_prompts(tiny_checkpoint, ["p1", "p2", "p3"], ["a cat", long_prompt, "a dog " * 50])
+    assert found["max_tokens"] == 77 and found["count"] == 2 and found["examples"] == ["p2", "p3"]
+    assert found["longest"] > 2000
+    assert truncated_prompts(tiny_checkpoint / "unet", ["p"], ["x"]) == {}  # no tokenizer: nothing to say

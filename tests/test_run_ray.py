@@ -267,6 +267,21 @@ def test_reopening_a_run_with_other_settings_is_refused(first_run: dict, tmp_pat
     assert _state(first_run["run"]) == first_run["state"]
 
 
+def test_force_sets_a_run_made_with_other_settings_aside_and_starts_again(first_run: dict, tmp_path: Path) -> None:
+    cfg_path, run = _copy_of_first_run(first_run, tmp_path)
+    cfg = _load(cfg_path)
+    cfg["run"]["run_id"] = run.name.removeprefix("run=")
+    cfg["generation"]["steps"] = 7
+    other = write_config(tmp_path / "other.yaml", **cfg)
+    assert main(["run", str(other)]) == 2
+    assert main(["run", str(other), "--force"]) == 0
+    aside = [p for p in run.parent.iterdir() if p.name.startswith(f"{run.name}.superseded-")]
+    hashes = {name: state[2] for name, state in first_run["state"].items()}
+    assert len(aside) == 1 and {n: st[2] for n, st in _state(aside[0]).items()} == hashes  # the old run, kept whole
+    info = json.loads((run / "run.json").read_text())
+    assert info["identity"]["generation"]["steps"] == 7 and len(_sample_ids(run)) == 32
+
+
 def test_verify_passes_a_complete_run_and_names_each_kind_of_damage(first_run: dict, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture) -> None:
     assert main(["verify", str(first_run["run"])]) == 0

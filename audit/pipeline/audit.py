@@ -106,7 +106,8 @@ class AuditResult:
     detection: dict[str, Any] = field(default_factory=dict)
 
 
-def run_audit(cfg: AuditConfig, address: str | None = None, retry_failed: bool = False) -> AuditResult:
+def run_audit(cfg: AuditConfig, address: str | None = None, retry_failed: bool = False,
+              force: bool = False) -> AuditResult:
     """Generate every planned sample of the run ``cfg`` describes, then embed the samples,
     resuming whatever exists."""
     inputs = prepare_inputs(cfg)
@@ -119,7 +120,7 @@ def run_audit(cfg: AuditConfig, address: str | None = None, retry_failed: bool =
     try:
         has_gpus = ray.cluster_resources().get("GPU", 0) > 0
         device, dtype = resolve_numerics(cfg.model, has_gpus)
-        store = open_run(inputs, device.split(":")[0], dtype)
+        store = open_run(inputs, device.split(":")[0], dtype, force)
         report = generate_samples(store, inputs, device, dtype, retry_failed)
         embedded = embed_samples(store, inputs)
         names = [spec.name for spec in inputs.plan.shards()]

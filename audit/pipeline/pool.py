@@ -66,20 +66,23 @@ class ActorPool:
         self.actor_class, self.args, self.resources, self.what = actor_class, args, resources, what
         self.workers: list[Any] = []
 
-    def start(self) -> Any:
+    def launch(self) -> tuple[Any, Any]:
+        """A new actor and the future of its ``describe()`` (ready when the actor is placed and loaded)."""
         worker = self.actor_class.options(**self.resources).remote(*self.args)
+        self.workers.append(worker)
+        return worker, worker.describe.remote()
+
+    def ready(self, worker: Any, describe: Any) -> None:
         try:
-            info = ray.get(worker.describe.remote())
+            info = ray.get(describe)
         except RayActorError as exc:
+            self.discard(worker)
             raise RuntimeError(f"a {self.what} worker failed to start: {reason(exc)}") from None
         log.info("%s worker ready: %s", self.what, info)
-        self.workers.append(worker)
-        return worker
 
-    def replace(self, dead: Any) -> Any:
-        if dead in self.workers:
-            self.workers.remove(dead)
-        return self.start()
+    def discard(self, worker: Any) -> None:
+        if worker in self.workers:
+            self.workers.remove(worker)
 
     def shutdown(self) -> None:
         for worker in self.workers:
@@ -89,25 +92,55 @@ class ActorPool:
 
 def run_tasks(pool: ActorPool, n_workers: int, tasks: list[ShardTask], max_attempts: int,
               unit: str, desc: str) -> PoolReport:
-    """Run every task on at most ``n_workers`` actors of ``pool``; never raises for a task."""
+    """Run every task on at most ``n_workers`` actors of ``pool``; never raises for a task.
+
+    A dead actor's task goes back to the queue and a replacement is started without waiting for
+    it: the surviving actors keep taking tasks, so losing a node whose resources do not come back
+    slows the run down instead of stalling it; a replacement that never gets placed is dropped at
+    the end."""
     report = PoolReport()
     queue = deque(tasks)
     attempts: dict[str, int] = {}
     in_flight: dict[Any, tuple[Any, ShardTask]] = {}
+    starting: dict[Any, Any] = {}  # describe() future -> replacement actor
+    idle: list[Any] = []  # live actors with nothing to do (they take re-queued tasks)
+    failed_starts = 0
 
     def submit(worker: Any) -> None:
         if queue:
             task = queue.popleft()
             in_flight[worker.run.remote(*task.args)] = (worker, task)
+        else:
+            idle.append(worker)
 
     total = sum(task.units for task in tasks)
     try:
         with Progress(desc, unit, total, tasks=len(tasks)) as progress:
-            for _ in range(min(n_workers, len(tasks))):
-                submit(pool.start())
-            progress.restart_clock()  # rates count work, not start-up
-            while in_flight:
-                ready, _ = ray.wait(list(in_flight), num_returns=1)
+            for _ in range(min(n_workers, len(tasks))):  # started together
+                worker, describe = pool.launch()
+                starting[describe] = worker
+            # every first worker loaded (or failed) before work is dealt, so it spreads over all of them
+            ray.wait(list(starting), num_returns=len(starting))
+            first_ready = True
+            while in_flight or (queue and starting):
+                ready, _ = ray.wait([*in_flight, *starting], num_returns=1)
+                if ready[0] in starting:
+                    worker = starting.pop(ready[0])
+                    try:
+                        pool.ready(worker, ready[0])
+                    except RuntimeError as exc:
+                        failed_starts += 1
+                        if failed_starts >= max_attempts:
+                            raise
+                        log.warning("%s; starting another", exc)
+                        replacement, describe = pool.launch()
+                        starting[describe] = replacement
+                        continue
+                    if first_ready:
+                        progress.restart_clock()  # rates count work, not start-up
+                        first_ready = False
+                    submit(worker)
+                    continue
                 worker, task = in_flight.pop(ready[0])
                 try:
                     marker = ray.get(ready[0])
@@ -121,8 +154,13 @@ def run_tasks(pool: ActorPool, n_workers: int, tasks: list[ShardTask], max_attem
                         log.error("%s failed %d times, giving up for this run: %s", task.name, attempts[task.name], why)
                         report.failed[task.name] = why
                     if isinstance(exc, RayActorError):
-                        worker = pool.replace(worker)
-                    submit(worker)
+                        pool.discard(worker)
+                        replacement, describe = pool.launch()
+                        starting[describe] = replacement
+                    else:
+                        submit(worker)
+                    while queue and idle:
+                        submit(idle.pop())
                     continue
                 report.markers.append(marker)
                 progress.update(task.units)
