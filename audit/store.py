@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -29,6 +30,11 @@ RUN_JSON = "run.json"
 MARKERS = "_markers"
 TMP_TAG = ".tmp-"
 ROW_GROUP_BYTES = 128 * 2**20
+
+
+def folder_safe(text: str) -> str:
+    """``text`` with every character other than letters, digits, '.', '_' and '-' replaced by '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
 
 
 def run_dir(root: str | Path, model_name: str, checkpoint_id: str, run_id: str) -> Path:

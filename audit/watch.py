@@ -26,7 +26,7 @@ from typing import Any
 
 from audit.config import AuditConfig, load_config
 from audit.errors import InputError
-from audit.store import write_bytes_atomic
+from audit.store import folder_safe, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 STATE_DIR = ".watch"
@@ -68,7 +68,7 @@ def signature(checkpoint: Path) -> str:
 def checkpoint_name(folder: Path, checkpoint: Path) -> str:
     rel = checkpoint.relative_to(folder)
     name = "--".join(rel.parts) if rel.parts else checkpoint.name
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    return folder_safe(name)
 
 
 @contextmanager
@@ -97,7 +97,7 @@ def watch(folder: Path, config: Path | None, overrides: list[str], model_name: s
     """Audit the new checkpoints under ``folder`` and compare each with its predecessor."""
     folder = folder.resolve()
     base = load_config(config, overrides)  # bad config: refused before anything runs
-    model = model_name or re.sub(r"[^A-Za-z0-9._-]", "_", folder.name)
+    model = model_name or folder_safe(folder.name)
     state = Path(base.run.root) / STATE_DIR / model
     checkpoints = find_checkpoints(folder)
     report = WatchReport()

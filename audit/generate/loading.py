@@ -18,6 +18,7 @@ from typing import Any
 
 from audit.config import GenerationSection, ModelSection
 from audit.errors import InputError
+from audit.store import folder_safe
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class ResolvedModel:
             return self.ref.replace("/", "--")
         if self.kind == "builtin":
             return self.ref.replace(":", "-")
-        return re.sub(r"[^A-Za-z0-9._-]", "_", self.folder.name) or "model"
+        return folder_safe(self.folder.name) or "model"
 
 
 @dataclass(frozen=True)

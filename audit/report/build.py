@@ -11,13 +11,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from audit.report import html as H
 from audit.report import plots
 from audit.report.similarity import generated_to_train, train_to_train
 from audit.report.stats import LABELS, best_labels, summarise
-from audit.report.tables import complete_table, open_run, require
+from audit.report.tables import complete_table, open_run, prompt_texts, require
 from audit.store import write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -37,8 +36,7 @@ def write_report(run_path: Path, gallery_size: int = 24, baseline_size: int = 20
     samples = require(store, "samples", ["sample_id", "prompt_id", "status"])
     matches = complete_table(store, "matches")
     neighbors = complete_table(store, "neighbors", ["sample_id", "rank", "row", "score"])
-    prompts = pq.read_table(store.path / "prompts", columns=["prompt_id", "prompt"]).to_pydict()
-    prompt_text = dict(zip(prompts["prompt_id"], prompts["prompt"]))
+    prompt_text = prompt_texts(store)
     reference = _reference(info)
     out = store.path / REPORT_DIR
 

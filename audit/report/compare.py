@@ -8,11 +8,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 
 from audit.report import html as H
 from audit.report.stats import LABELS, summarise
-from audit.report.tables import complete_table, open_run, require
+from audit.report.tables import complete_table, open_run, prompt_texts, require
 from audit.store import write_bytes_atomic
 
 SETTINGS = ("generation", "detection", "embedding")
@@ -22,13 +21,12 @@ def _load(path: Path) -> dict[str, Any]:
     store, info = open_run(path)
     scores = require(store, "prompt_scores")
     samples = require(store, "samples", ["sample_id", "prompt_id", "status"])
-    prompts = pq.read_table(store.path / "prompts", columns=["prompt_id", "prompt"]).to_pydict()
     return {
         "info": info, "path": str(store.path.resolve()),
         "summary": summarise(scores, samples, complete_table(store, "matches")),
         "flags": dict(zip(scores.column("prompt_id").to_pylist(), (bool(f) for f in scores.column("flagged").to_pylist()))),
         "score": dict(zip(scores.column("prompt_id").to_pylist(), scores.column("score").to_pylist())),
-        "text": dict(zip(prompts["prompt_id"], prompts["prompt"])),
+        "text": prompt_texts(store),
     }
 
 

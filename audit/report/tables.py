@@ -46,3 +46,9 @@ def require(store: RunStore, table: str, columns: list[str] | None = None) -> pa
         raise InputError(f"{store.path}: no complete {table}/ shards; run `memaudit run` on its config "
                          "first (it resumes where it stopped)")
     return found
+
+
+def prompt_texts(store: RunStore) -> dict[str, str]:
+    """prompt_id -> prompt text of the run's planned prompts."""
+    prompts = pq.read_table(store.table_dir("prompts"), columns=["prompt_id", "prompt"]).to_pydict()
+    return dict(zip(prompts["prompt_id"], prompts["prompt"]))
