@@ -1,9 +1,10 @@
 """The ``memaudit`` command. ``main(argv)`` is callable from tests and returns the exit code.
 
-Exit codes: 0 done; 1 a failure the run could not recover from (finished shards are kept, re-run
-to resume); 2 bad input (one line on stderr says what and where); 3 the run finished but some
-samples have status ``error`` (re-run with ``--retry-failed``); 4 a release gate of ``compare`` or
-``watch`` failed; 5 ``verify`` found problems.
+Exit codes: 0 done; 1 a failure the run could not recover from, e.g. a full or read-only disk
+(finished shards are kept, re-run to resume); 2 bad input (one line on stderr says what and
+where); 3 the run finished but some samples have status ``error`` (re-run with
+``--retry-failed``); 4 a release gate of ``compare`` or ``watch`` failed; 5 ``verify`` found
+problems.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from audit import __version__
 from audit.config import dump_config, load_config
-from audit.errors import MemauditError
+from audit.errors import MemauditError, StorageError, storage_error
 
 log = logging.getLogger("audit")
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_PARTIAL = 0, 1, 2, 3
@@ -109,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             needs_config = args.action != "validate"
             return cli_reference.run(args, load_config(args.config, args.overrides) if needs_config else None)
         return _run(args)
+    except StorageError as exc:
+        print(f"memaudit: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except MemauditError as exc:
         print(f"memaudit: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -116,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("memaudit: interrupted; finished shards are kept, run again to resume", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as exc:  # noqa: BLE001 - report, keep finished work, exit non-zero
+        refused = storage_error(exc)
+        if refused is not None:
+            print(f"memaudit: error: {refused}", file=sys.stderr)
+            return EXIT_FAILURE
         log.exception("failed")
         print(f"memaudit: failed: {type(exc).__name__}: {exc}; finished shards are kept, "
               "run again to resume", file=sys.stderr)

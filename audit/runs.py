@@ -28,7 +28,7 @@ from audit.generate.tokens import truncated_prompts
 from audit.plan import PromptPlan, plan_prompts
 from audit.prompts import read_prompts
 from audit.redact import redact
-from audit.store import RunStore, run_dir
+from audit.store import RunStore, check_writable, run_dir
 
 log = logging.getLogger(__name__)
 RUN_FORMAT = 1
@@ -51,6 +51,7 @@ def prepare_inputs(cfg: AuditConfig) -> PreparedInputs:
     """Check the checkpoint and the prompts, hash the checkpoint, plan the shards."""
     if cfg.model.device != "auto":
         resolve_numerics(cfg.model, has_cuda=True)  # device/dtype clashes, before any cluster
+    check_writable(cfg.run.root, "run.root")
     model, info = preflight(cfg.model, cfg.generation)
     raw = read_prompts(cfg.prompts)
     plan = plan_prompts(raw, cfg.generation.prompts_per_shard, cfg.prompts.limit)
@@ -84,6 +85,7 @@ def open_run(inputs: PreparedInputs, device_type: str, dtype: str, force: bool =
     checkpoint_id = cfg.run.checkpoint_id or inputs.checkpoint["sha256"][:12]
     run_id = cfg.run.run_id or digest[:12]
     store = RunStore(run_dir(cfg.run.root, model_name, checkpoint_id, run_id))
+    check_writable(store.path, "run folder")
     existing = store.read_json()
     if existing is not None:
         try:

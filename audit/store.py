@@ -16,6 +16,8 @@ import re
 import socket
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -23,6 +25,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from audit.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,32 @@ def folder_safe(text: str) -> str:
 def run_dir(root: str | Path, model_name: str, checkpoint_id: str, run_id: str) -> Path:
     """Hive-style run folder, so DuckDB/Polars can glob many runs and get the keys as columns."""
     return Path(root) / f"model={model_name}" / f"checkpoint={checkpoint_id}" / f"run={run_id}"
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Refuse, before any work, a location that cannot be written (a read-only mount, no
+    permission): checked on ``path`` or, if it does not exist yet, its nearest existing parent."""
+    target = Path(path).absolute()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if os.access(probe, os.W_OK | os.X_OK):
+        return
+    read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+    why = "it is on a read-only file system" if read_only else "permission denied"
+    raise StorageError(f"{what} {target}: cannot write to {probe} ({why}); remount it writable, fix its "
+                       "permissions or point it elsewhere: nothing was written and finished work is untouched")
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """OSErrors raised inside (pyarrow's carry no file name) name ``path`` and the plain reason."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from exc
+        raise
 
 
 def _fsync_dir(path: Path) -> None:
@@ -74,7 +104,8 @@ def write_parquet_atomic(final: Path, table: pa.Table) -> int:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(final)
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        with _naming(final):
+            pq.write_table(table, tmp, compression="zstd")
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
@@ -206,9 +237,14 @@ class ShardWriter:
         self.row_group_bytes = row_group_bytes
         final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp_path(final)
-        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(
-            self.tmp, schema, compression=compression, use_dictionary=False, write_statistics=True
-        )
+        try:
+            with _naming(final):
+                self._writer: pq.ParquetWriter | None = pq.ParquetWriter(
+                    self.tmp, schema, compression=compression, use_dictionary=False, write_statistics=True
+                )
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)  # the file may exist (e.g. a full disk refused its header)
+            raise
         self._buffer: list[pa.Table] = []
         self._buffered_bytes = 0
         self.rows = 0
@@ -230,7 +266,8 @@ class ShardWriter:
         self._buffer.append(table)
         self._buffered_bytes += table.nbytes
         if self._buffered_bytes >= self.row_group_bytes:
-            self._flush()
+            with _naming(self.final):
+                self._flush()
 
     def _flush(self) -> None:
         if not self._buffer or self._writer is None:
@@ -242,11 +279,12 @@ class ShardWriter:
     def commit(self, **extra: Any) -> dict[str, Any]:
         """Close, publish under the final name, then write the completion marker."""
         assert self._writer is not None, "commit() called twice"
-        self._flush()
-        self._writer.close()
-        self._writer = None
-        with self.tmp.open("rb+") as handle:
-            os.fsync(handle.fileno())
+        with _naming(self.final):
+            self._flush()
+            self._writer.close()
+            self._writer = None
+            with self.tmp.open("rb+") as handle:
+                os.fsync(handle.fileno())
         size = self.tmp.stat().st_size
         digest = file_sha256(self.tmp)
         os.replace(self.tmp, self.final)
@@ -268,12 +306,15 @@ class ShardWriter:
         return marker
 
     def abort(self) -> None:
-        if self._writer is not None:
-            try:
-                self._writer.close()
-            finally:
-                self._writer = None
-        self.tmp.unlink(missing_ok=True)
+        """Drop the temporary file (also when closing it fails, e.g. on a full disk)."""
+        writer, self._writer = self._writer, None
+        try:
+            if writer is not None:
+                writer.close()
+        except OSError as exc:
+            log.debug("%s: closing the abandoned writer failed: %s", self.tmp, exc)
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> ShardWriter:
         return self

@@ -13,13 +13,15 @@ Rounds alternate plain and ray (each ray round is a new run with a new worker) a
 compared, because a shared machine's speed drifts by several percent from minute to minute.
 
 CPU (tiny checkpoint):  python benchmarks/generation.py
-GPU (SD1.5 architecture, random weights run at the real speed):
-    python benchmarks/generation.py --arch sd15 --steps 50 --batch-size 16 --prompts 8 --samples 32
+GPU (SD1.5 architecture, random weights run at the real speed), with the roofline percentage
+(FLOPs per image counted by benchmarks/flops.py):
+    python benchmarks/generation.py --arch sd15 --size 512 --steps 50 --batch-size 16 --prompts 8 --samples 32
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import tempfile
@@ -58,11 +60,14 @@ def _config(args: argparse.Namespace, checkpoint: str, work: Path) -> AuditConfi
         f"compute.batch_size={args.batch_size}",
         f"compute.num_workers={args.workers}",
         *([f"generation.height={args.size}", f"generation.width={args.size}"] if args.size else []),
+        f"model.compile={args.compile}",
+        f"model.channels_last={args.channels_last}",
     ])
 
 
-def plain_loop(cfg: AuditConfig) -> tuple[int, float]:
-    """Images and seconds of a hand-written loop over the same samples."""
+def plain_loop(cfg: AuditConfig, keep: list | None = None) -> tuple[int, float]:
+    """Images and seconds of a hand-written loop over the same samples (the uint8 images are
+    appended to ``keep`` when given)."""
     from audit.generate.loading import resolve_model
 
     device, dtype = resolve_numerics(cfg.model, torch.cuda.is_available())
@@ -85,7 +90,10 @@ def plain_loop(cfg: AuditConfig) -> tuple[int, float]:
                     generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
                     output_type="pt",
                 ).images
-            n += len(to_uint8(images)[0])
+            pixels = to_uint8(images)[0]
+            n += len(pixels)
+            if keep is not None:
+                keep.extend(pixels)
     return n, time.perf_counter() - start
 
 
@@ -113,6 +121,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--repeats", type=int, default=3, help="alternating plain/ray rounds; medians reported")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser (both paths)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last denoiser (both paths)")
+    parser.add_argument("--peak-tflops", type=float, default=790.0,
+                        help="bf16 peak of the accelerator, for the roofline percentage (GPU runs)")
+    parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from audit.pipeline import connect
@@ -140,6 +153,24 @@ def main() -> None:
     print(f"ray path   : {ray_rate:.3f} images/s (median; rounds: {', '.join(f'{r:.3f}' for r in ray_rates)}); "
           f"whole command incl. worker start and model load: {statistics.median(walls):.2f} s")
     print(f"ratio ray/plain: {ray_rate / plain_rate:.3f}")
+    from flops import count, roofline
+
+    counted = count(args.arch, args.steps, args.size)
+    result = {"device": device, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "plain_images_per_s": plain_rate, "ray_images_per_s": ray_rate, "ratio": ray_rate / plain_rate,
+              "plain_rounds": plain_rates, "ray_rounds": ray_rates, "command_s": statistics.median(walls),
+              "tflop_per_image": counted["tflop_per_image"]}
+    if device != "cpu":
+        limit = roofline(counted, args.peak_tflops)
+        result |= {"peak_tflops": args.peak_tflops, "roofline_images_per_s": limit,
+                   "ray_fraction_of_roofline": ray_rate / limit}
+        print(f"roofline at {args.peak_tflops:.0f} TFLOP/s ({counted['tflop_per_image']:.2f} TFLOP per image, "
+              f"counted): {limit:.2f} images/s; ray path at {100 * ray_rate / limit:.1f}% of it")
+    else:
+        print(f"{counted['tflop_per_image'] * 1e3:.2f} GFLOP per image (counted); "
+              f"{ray_rate * counted['tflop_per_image'] * 1e3:.1f} GFLOP/s on this CPU")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 PROMPTS = [
@@ -23,3 +29,65 @@ def write_config(path: Path, **sections: dict[str, Any]) -> Path:
     """Write a YAML config from keyword sections (run=..., model=..., ...)."""
     path.write_text(yaml.safe_dump(sections), encoding="utf-8")
     return path
+
+
+def _mount(*args: str) -> None:
+    result = subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
+    if result.returncode:
+        pytest.skip(f"mounting needs root with CAP_SYS_ADMIN here: {result.stderr.strip()}")
+
+
+@contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A real file system of ``size`` (tmpfs) mounted at ``path``, so writes can really fail with ENOSPC."""
+    path.mkdir(parents=True, exist_ok=True)
+    _mount("-t", "tmpfs", "-o", f"size={size}", "memaudit-test", str(path))
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file on ``disk`` until the file system is full; returns it (delete it to free the space)."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 2**16)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    return filler
+
+
+@contextmanager
+def read_only_view(source: Path, view: Path) -> Iterator[Path]:
+    """``source`` seen read-only at ``view``: a read-only bind mount (root), else read-only permissions."""
+    if os.geteuid() != 0:
+        modes = {p: p.stat().st_mode for p in [source, *source.rglob("*")] if p.is_dir()}
+        for p in modes:
+            p.chmod(0o555)
+        try:
+            yield source
+        finally:
+            for p, mode in modes.items():
+                p.chmod(mode)
+        return
+    view.mkdir(parents=True, exist_ok=True)
+    _mount("--bind", str(source), str(view))
+    try:
+        _mount("-o", "remount,bind,ro", str(view))
+        yield view
+    finally:
+        subprocess.run(["umount", "-l", str(view)], check=False)
+
+
+def payload(run: Path) -> dict[str, tuple]:
+    """Every sample's payload columns, by sample_id: equal for two runs means 0 lost, 0 duplicated,
+    byte-identical (a duplicated id would collapse, so callers also count the rows)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(run / "samples", columns=["sample_id", "seed", "image_png", "noise_magnitude", "status"])
+    rows = {r["sample_id"]: (r["seed"], r["image_png"], r["noise_magnitude"], r["status"]) for r in table.to_pylist()}
+    assert len(rows) == table.num_rows, "a sample_id is present more than once"
+    return rows

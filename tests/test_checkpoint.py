@@ -71,6 +71,41 @@ def test_location_errors(tmp_path: Path, tiny_checkpoint: Path) -> None:
     assert resolve_model(ModelSection(path=str(tiny_checkpoint))).folder == tiny_checkpoint.resolve()
 
 
+def _break(folder: Path, how: str) -> None:
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    if how == "missing_component":
+        shutil.rmtree(folder / "vae")
+    elif how == "no_weights":
+        weights.unlink()
+    elif how == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "garbage_header":
+        weights.write_bytes(b"\xff" * 64)
+    elif how == "zero_bytes":
+        weights.write_bytes(b"")
+    elif how == "missing_shard":
+        (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+            '{"weight_map": {"conv_in.weight": "diffusion_pytorch_model-00002-of-00002.safetensors"}}')
+
+
+@pytest.mark.parametrize("how, message", [
+    ("missing_component", r"lists component 'vae' in model_index.json but has no vae/ folder"),
+    ("no_weights", r"component 'unet' of .* has a config.json but no weights file"),
+    ("truncated", r"unet/diffusion_pytorch_model.safetensors is truncated \(\d+ of \d+ bytes\)"),
+    ("garbage_header", r"unet/diffusion_pytorch_model.safetensors is not a readable safetensors file"),
+    ("zero_bytes", r"unet/diffusion_pytorch_model.safetensors is not a readable safetensors file"),
+    ("missing_shard", r"names shards that are missing \(diffusion_pytorch_model-00002-of-00002"),
+])
+def test_a_partial_checkpoint_is_refused_before_any_weights_load(tmp_path: Path, tiny_checkpoint: Path,
+                                                                 how: str, message: str) -> None:
+    folder = tmp_path / "partial"
+    shutil.copytree(tiny_checkpoint, folder)
+    preflight(ModelSection(path=str(folder)), GenerationSection())  # whole: accepted
+    _break(folder, how)
+    with pytest.raises(InputError, match=message):
+        preflight(ModelSection(path=str(folder)), GenerationSection())
+
+
 def test_pickle_weights_need_explicit_opt_in(tmp_path: Path, tiny_checkpoint: Path) -> None:
     from diffusers import DiffusionPipeline
 

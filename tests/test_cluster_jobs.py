@@ -16,8 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
-from helpers import PROMPTS, write_config
+from helpers import PROMPTS, payload, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -150,3 +151,10 @@ def test_losing_a_worker_node_mid_run_still_completes_every_sample_once(cluster:
     from audit.cli import main
 
     assert main(["verify", str(run)]) == 0  # all 32 planned samples, each exactly once
+    uninterrupted = write_config(tmp / "reference-run.yaml", **{**yaml.safe_load(cfg.read_text()),
+                                                                "run": {"root": str(tmp / "uninterrupted")}})
+    status, logs = submit_and_wait(cluster, "audit-uninterrupted",
+                                   [sys.executable, str(REPO / "jobs" / "run.py"), str(uninterrupted)])
+    assert status == "SUCCEEDED", logs[-4000:]
+    other = Path(next(line for line in logs.splitlines() if line.startswith("run: ")).removeprefix("run: "))
+    assert payload(run) == payload(other) and len(payload(run)) == 32  # byte-identical to a run without the loss

@@ -71,6 +71,13 @@ def test_malformed_yaml_names_line(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_a_key_given_twice_is_refused_not_silently_overwritten(tmp_path: Path) -> None:
+    path = _write(tmp_path, "generation:\n  steps: 10\n  guidance_scale: 7.5\n  steps: 50\n")
+    with pytest.raises(ConfigError, match=r"audit\.yaml:4:3: malformed YAML: key 'steps' appears twice"):
+        load_config(path)
+    assert load_config(_write(tmp_path, "generation:\n  steps: 10\n  guidance_scale: 7.5\n")).generation.steps == 10
+
+
 def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(_write(tmp_path, "- a\n- b\n"))

@@ -35,7 +35,10 @@ def test_accelerator_pairwise_tiled_l2_equals_the_numpy_one(device: str) -> None
     images = np.concatenate([diverse(9, 2), np.repeat(diverse(1, 3), 3, axis=0)])  # with exact copies
     expected = pairwise_tiled_l2(images)
     found = pairwise_tiled_l2_torch(images, device=device, block=4)
-    assert found.shape == (12, 12) and np.allclose(found, expected, atol=1e-4)
+    # Both expand |a-b|² = |a|² + |b|² - 2ab in float32: near 0 the cancellation leaves ~1e-7 of
+    # the norms, which the square root turns into up to ~1e-3 (kernel choice moves it; distances
+    # between different images here are 0.4-0.6)
+    assert found.shape == (12, 12) and np.allclose(found, expected, atol=1e-3)
     assert np.all(np.diag(found) == 0) and np.allclose(found[9:, 9:], 0, atol=1e-3)
 
 

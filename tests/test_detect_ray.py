@@ -107,3 +107,41 @@ def test_detection_resumes_and_refuses_another_embedding_model(testbed_run: dict
     assert code == 2 and "the index was embedded with builtin:testbed-copy" in capsys.readouterr().err
     manifest = json.loads((tmp / "ref" / "index" / "manifest.json").read_text())
     assert manifest["embedding"]["model_id"] == "builtin:testbed-copy"
+
+
+def test_index_shard_actor_killed_mid_join_is_restarted_and_neighbors_are_identical(testbed_run: dict,
+                                                                                     tmp_path: Path) -> None:
+    import shutil
+    import threading
+    import time
+
+    import psutil
+
+    shutil.copytree(testbed_run["tmp"] / "runs", tmp_path / "runs")
+    run = tmp_path / "runs" / testbed_run["run"].relative_to(testbed_run["tmp"] / "runs")
+    shutil.rmtree(run / "neighbors")
+    killed: list[int] = []
+
+    def kill_first_index_actor() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            for proc in psutil.process_iter(["cmdline"]):
+                if "ray::IndexShardActor" in " ".join(proc.info["cmdline"] or []):
+                    proc.kill()
+                    killed.append(proc.pid)
+                    return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_first_index_actor, daemon=True)
+    killer.start()
+    args = [*testbed_run["args"], "--set", f"run.root={tmp_path / 'runs'}", "--set", "detection.join_batch=8"]
+    assert main(args) == 0
+    killer.join()
+    assert killed, "no index shard actor was seen"
+
+    def neighbors(folder: Path) -> list[dict]:  # k rows per sample, one per rank
+        return sorted(pq.read_table(folder / "neighbors").to_pylist(), key=lambda r: (r["sample_id"], r["rank"]))
+
+    again, before = neighbors(run), neighbors(testbed_run["run"])
+    assert len({(r["sample_id"], r["rank"]) for r in again}) == len(again) == len(before) > 0
+    assert again == before

@@ -146,6 +146,19 @@ def test_structural_problems_are_clear_errors(tmp_path: Path, problem: str, mess
         build_index(root, ReferenceSection())
 
 
+def test_duplicate_keys_are_counted_in_the_manifest_and_rows_stay_apart(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    parts = [unit(rng.standard_normal((10, 16))), unit(rng.standard_normal((10, 16)))]
+    root = write_folder(tmp_path / "ref", parts)
+    meta = pq.read_table(root / "metadata" / "metadata_1.parquet").to_pydict()
+    meta["key"][:3] = ["k000000", "k000001", "k000000"]  # two keys of file 0, one of them twice
+    pq.write_table(pa.table(meta), root / "metadata" / "metadata_1.parquet")
+    manifest = build_index(root, ReferenceSection())
+    assert manifest["duplicate_keys"] == 3 and manifest["count"] == 20
+    _, rows = ReferenceIndex(root).search(parts[1][[0]].astype(np.float32), 2)
+    assert rows[0, 0] == 10  # matched by row, not by its (ambiguous) key
+
+
 def test_laion_zero_padded_names_are_read_as_they_are(tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
     root = write_folder(tmp_path / "laion", [unit(rng.standard_normal((30, 16))) for _ in range(3)],

@@ -20,7 +20,7 @@ import pytest
 
 from audit.cli import main
 from audit.store import RunStore
-from helpers import PROMPTS, write_config
+from helpers import PROMPTS, fill, payload, read_only_view, small_disk, write_config
 
 SHARDS = ["shard-00000", "shard-00001", "shard-00002", "shard-00003"]
 
@@ -176,12 +176,6 @@ def test_retry_failed_regenerates_only_failed_rows(first_run: dict, tmp_path: Pa
     assert all(after[n] == untouched[n] for n in after if "shard-00001" not in n)
 
 
-def _payload(run: Path) -> dict[str, tuple]:
-    """Every sample's payload columns, by sample_id."""
-    table = pq.read_table(run / "samples", columns=["sample_id", "seed", "image_png", "noise_magnitude", "status"])
-    return {r["sample_id"]: (r["seed"], r["image_png"], r["noise_magnitude"], r["status"]) for r in table.to_pylist()}
-
-
 def _wait_for_marker(root: Path, proc: subprocess.Popen, timeout: float = 240) -> list[Path]:
     markers: list[Path] = []
     deadline = time.time() + timeout
@@ -208,7 +202,7 @@ def test_generation_actor_killed_mid_run_is_replaced_and_the_result_is_identical
     assert proc.returncode == 0, output
     assert "retrying" in output, output  # the pool saw the actor die and gave its shard to a new one
     run = markers[0].parents[2]
-    assert _payload(run) == _payload(first_run["run"])  # 0 lost, 0 duplicated, byte-identical
+    assert payload(run) == payload(first_run["run"])  # 0 lost, 0 duplicated, byte-identical
     assert main(["verify", str(run)]) == 0
 
 
@@ -238,7 +232,7 @@ def test_killed_run_keeps_finished_shards_and_resumes(ray_local: str, tiny_check
     for name in finished:
         if name.removesuffix(".parquet").removesuffix(".json") in complete:
             assert after[name] == finished[name], f"{name} was regenerated"
-    assert _payload(run) == _payload(first_run["run"])  # byte-identical to the uninterrupted run
+    assert payload(run) == payload(first_run["run"])  # byte-identical to the uninterrupted run
     assert main(["verify", str(run)]) == 0
 
 
@@ -329,3 +323,42 @@ def test_verify_passes_a_complete_run_and_names_each_kind_of_damage(first_run: d
     assert found[0].startswith("note: samples/shard-00003: file without a completion marker")
     assert any("1 of 4 samples shards not complete yet" in p for p in found)
     assert not [p for p in found if not p.startswith("note: ")]  # resumable, not damaged
+
+
+def test_a_full_disk_stops_the_run_clearly_and_loses_nothing(first_run: dict, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    with small_disk(tmp_path / "disk", "16m") as disk:
+        cfg, run = _copy_of_first_run(first_run, disk)
+        store = RunStore(run)
+        for shard in SHARDS[2:]:  # two shards still to generate
+            store.shard_path("samples", shard).unlink()
+            store.marker_path("samples", shard).unlink()
+        finished = _state(run)
+        filler = fill(disk)
+        capsys.readouterr()
+        assert main(["-q", "run", str(cfg)]) == 1
+        err = capsys.readouterr().err
+        assert "No space left on device while writing" in err and "then run again" in err, err
+        assert "Traceback" not in err and "retrying" not in err, err  # stopped at once, not retried elsewhere
+        assert len([line for line in err.splitlines() if line.startswith("memaudit:")]) == 1, err
+        assert _state(run) == finished  # the complete shards are untouched ...
+        assert not [p.name for p in (run / "samples").iterdir() if p.is_file() and p.name.startswith(".")]
+        assert all(store.read_marker("samples", s) is None for s in SHARDS[2:])  # ... and nothing partial counts
+        filler.unlink()
+        assert main(["run", str(cfg)]) == 0
+        assert payload(run) == payload(first_run["run"])
+        assert main(["verify", str(run)]) == 0
+
+
+def test_a_read_only_run_root_is_refused_before_any_work(first_run: dict, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    cfg, run = _copy_of_first_run(first_run, tmp_path / "rw")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with read_only_view(tmp_path / "rw" / "runs", tmp_path / "ro") as view:
+        read_only = write_config(tmp_path / "ro.yaml", **{**_load(cfg), "run": {"root": str(view), "seed": 0}})
+        capsys.readouterr()
+        assert main(["run", str(read_only)]) == 1
+        err = capsys.readouterr().err
+        assert f"run.root {view}: cannot write to {view} (" in err and "nothing was written" in err, err
+        assert main(["verify", str(view / run.relative_to(tmp_path / "rw" / "runs"))]) == 0  # reading still works
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -145,3 +145,28 @@ def test_run_batches_keeps_order_and_overlaps_phases() -> None:
 def test_run_batches_propagates_encode_errors() -> None:
     with pytest.raises(ValueError, match="row 7"):
         run_batches(_TwoPhase(), _rows(0, 9), lambda b: None, batch_size=2)
+
+
+@pytest.mark.parametrize("room", [0, 8192, 32768])  # bytes left: none (the header fails), some (the rows fail)
+def test_a_full_disk_leaves_no_file_no_marker_no_tmp_and_names_the_shard(tmp_path: Path, room: int) -> None:
+    import errno
+    import os
+
+    from helpers import fill, small_disk
+
+    with small_disk(tmp_path / "disk", "256k") as disk:
+        store = RunStore(disk / "run")
+        store.table_dir("samples").mkdir(parents=True)
+        (store.table_dir("samples") / "_markers").mkdir()
+        filler = fill(disk)
+        os.truncate(filler, max(0, filler.stat().st_size - room))
+        schema = pa.schema([pa.field("sample_id", pa.string()), pa.field("payload", pa.binary())])
+        rows = {"sample_id": [f"s{i}" for i in range(60)], "payload": [os.urandom(1000) for _ in range(60)]}
+        with pytest.raises(OSError) as err:  # ~60 kB that do not compress
+            with store.open_shard("samples", "shard-00001", schema) as writer:
+                writer.write(rows)
+                writer.commit()
+        assert err.value.errno == errno.ENOSPC
+        assert err.value.filename.endswith("shard-00001.parquet")
+        assert store.read_marker("samples", "shard-00001") is None and not store.is_complete("samples", "shard-00001")
+        assert not [p for p in store.table_dir("samples").rglob("*") if p.name.startswith(".")]

@@ -21,10 +21,10 @@ from PIL import Image
 
 from audit.config import EmbeddingSection
 from audit.errors import InputError
+from audit.generate.completeness import PICKLE_SUFFIXES
 from audit.store import file_sha256
 
 log = logging.getLogger(__name__)
-_PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
 
 
 @dataclass
@@ -120,7 +120,7 @@ def _open_clip(section: EmbeddingSection, device: str, model_id: str) -> Embedde
     pretrained = section.pretrained
     if pretrained and Path(pretrained).expanduser().is_file():
         weights = Path(pretrained).expanduser()
-        if weights.suffix in _PICKLE_SUFFIXES and not section.allow_pickle:
+        if weights.suffix in PICKLE_SUFFIXES and not section.allow_pickle:
             raise InputError(f"embedding.pretrained: {weights} is a pickle-based file, which can run code when "
                              "loaded; convert it to .safetensors or set embedding.allow_pickle: true")
         pretrained = str(weights)

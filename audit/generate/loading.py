@@ -18,11 +18,11 @@ from typing import Any
 
 from audit.config import GenerationSection, ModelSection
 from audit.errors import InputError
+from audit.generate.completeness import PICKLE_SUFFIXES, check_complete
 from audit.store import folder_safe
 
 log = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -178,6 +178,7 @@ def preflight(section: ModelSection, generation: GenerationSection) -> tuple[Res
     """Every check that needs no weights: location, weight format, scheduler, resolution."""
     resolved = resolve_model(section)
     check_weight_format(resolved.folder, section.allow_pickle)
+    check_complete(resolved.folder, section.allow_pickle)
     info = inspect_pipeline(resolved.folder)
     if section.scheduler is not None and section.scheduler not in info.compatible_schedulers:
         raise InputError(

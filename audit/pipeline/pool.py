@@ -3,7 +3,8 @@
 Each actor loads its model once (in ``__init__``) and writes whole shards itself (temporary
 file, rename, marker), so bulk data never passes through the driver, which only holds task
 names and the small completion markers the actors return. An actor that dies is replaced and
-its task retried; a task that keeps failing is reported and left for the next run to redo.
+its task retried; a task that keeps failing is reported and left for the next run to redo. A
+write the storage refuses (disk full, read-only) stops the stage at once with a clear error.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from audit.errors import storage_error
 from audit.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -145,6 +147,9 @@ def run_tasks(pool: ActorPool, n_workers: int, tasks: list[ShardTask], max_attem
                 try:
                     marker = ray.get(ready[0])
                 except (RayActorError, RayTaskError) as exc:
+                    refused = storage_error(getattr(exc, "cause", None))
+                    if refused is not None:  # the same storage refuses every worker: stop now
+                        raise refused from None
                     attempts[task.name] = attempts.get(task.name, 0) + 1
                     why = reason(exc)
                     if attempts[task.name] < max_attempts:

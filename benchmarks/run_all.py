@@ -1,0 +1,103 @@
+"""Every benchmark, one command: each prints its table and writes JSON; a summary follows.
+
+    python benchmarks/run_all.py                    # sizes for a 2-core CPU machine (~1 h)
+    python benchmarks/run_all.py --profile gpu      # full sizes, SD1.5 architecture, on the GPU
+    python benchmarks/run_all.py --only flops generation --out results/
+
+Outputs go to ``--out`` (default ``benchmarks/results/<profile>-<time>/``): ``<name>.json`` and
+``<name>.txt`` (the printed table) per benchmark, and ``summary.json`` with the headline figures,
+the device and how long each took. A benchmark that fails is reported and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+# name -> (arguments on a 2-core CPU, arguments on a GPU machine)
+BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
+    "flops": (["--arch", "sd15", "--size", "512", "--steps", "50"], ["--arch", "sd15", "--size", "512", "--steps", "50"]),
+    "generation": ([], ["--arch", "sd15", "--size", "512", "--steps", "50", "--batch-size", "16", "--prompts", "8",
+                        "--samples", "32", "--channels-last"]),
+    "end_to_end": ([], []),
+    "reference": (["--vectors", "20000", "--train-sample", "5000", "--queries", "500"], ["--vectors", "1000000"]),
+    "knn_join": (["--vectors", "200000", "--queries", "20000", "--train-sample", "50000", "--exact-queries", "2000"],
+                 ["--nprobe", "8", "16"]),
+    "embedding_storage": (["--rows", "50000"], []),
+    "memory": ([], []),
+    "scaling": ([], []),
+    "detection": (["--per-group", "8", "--samples", "4", "--steps", "10"], []),
+}
+
+
+def headline(name: str, result: dict[str, Any]) -> str:
+    """One line per benchmark for the summary."""
+    if name == "flops":
+        return f"{result['tflop_per_image']:.2f} TFLOP/image; roofline {result['roofline_images_per_s']:.2f} img/s"
+    if name == "generation":
+        line = f"ray {result['ray_images_per_s']:.2f} img/s = {result['ratio']:.3f}x the plain loop"
+        if "ray_fraction_of_roofline" in result:
+            line += f", {100 * result['ray_fraction_of_roofline']:.1f}% of the bf16 roofline"
+        return line
+    if name == "end_to_end":
+        return f"Ray + Parquet overhead {100 * result['overhead']:+.1f}% of pure model time ({result['samples']} samples)"
+    if name == "memory":
+        last = result["results"][-1]
+        return f"driver peak {100 * last['driver_vs_smallest']:+.1f}% from {result['results'][0]['samples']:,} to {last['samples']:,} samples"
+    if name == "scaling":
+        return "; ".join(f"{r['where']} x{r['workers']}: {r['images_per_s']:.2f} img/s (eff. {r['efficiency']:.2f})"
+                         for r in result["results"])
+    return ", ".join(f"{k}" for k in list(result)[:4])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    out = args.out or HERE / "results" / f"{args.profile}-{time.strftime('%Y%m%dT%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"profile": args.profile, "machine": platform.platform(), "benchmarks": {}}
+    try:
+        import torch
+
+        summary["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    except ImportError:
+        summary["device"] = "unknown"
+    for name in args.only or list(BENCHMARKS):
+        extra = BENCHMARKS[name][args.profile == "gpu"]
+        command = [sys.executable, str(HERE / f"{name}.py"), *extra, "--json", str(out / f"{name}.json")]
+        print(f"== {name}: {' '.join(command[1:])}", flush=True)
+        start = time.perf_counter()
+        with (out / f"{name}.txt").open("w") as log:
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=HERE, check=False)
+        seconds = time.perf_counter() - start
+        entry: dict[str, Any] = {"seconds": round(seconds, 1), "ok": done.returncode == 0}
+        if done.returncode == 0 and (out / f"{name}.json").is_file():
+            entry["headline"] = headline(name, json.loads((out / f"{name}.json").read_text()))
+        else:
+            entry["error"] = (out / f"{name}.txt").read_text()[-2000:]
+        summary["benchmarks"][name] = entry
+        print(f"   {'ok' if entry['ok'] else 'FAILED'} in {seconds:.0f} s: {entry.get('headline', entry.get('error', '')[-300:])}",
+              flush=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\ndevice: {summary['device']}; results in {out}")
+    print("| benchmark | seconds | headline |")
+    print("|---|---|---|")
+    for name, entry in summary["benchmarks"].items():
+        print(f"| {name} | {entry['seconds']:.0f} | {entry.get('headline', 'FAILED (see ' + name + '.txt)')} |")
+    if not all(e["ok"] for e in summary["benchmarks"].values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
