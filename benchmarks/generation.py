@@ -72,7 +72,7 @@ def plain_loop(cfg: AuditConfig, keep: list | None = None) -> tuple[int, float]:
 
     device, dtype = resolve_numerics(cfg.model, torch.cuda.is_available())
     pipe = load_pipeline(cfg.model, resolve_model(cfg.model).folder, device, dtype)
-    plan = plan_prompts(read_prompts(cfg.prompts), cfg.generation.prompts_per_shard)
+    plan = plan_prompts(read_prompts(cfg.prompts), cfg.generation.prompts_per_shard, cfg.prompts.limit)
     gen, size = cfg.generation, cfg.compute.batch_size
     rows = [shard_samples(s, gen.samples_per_prompt, cfg.run.seed) for s in plan.shards()]
     n = 0
@@ -152,12 +152,15 @@ def main() -> None:
     print(f"plain loop : {plain_rate:.3f} images/s (median; rounds: {', '.join(f'{r:.3f}' for r in plain_rates)})")
     print(f"ray path   : {ray_rate:.3f} images/s (median; rounds: {', '.join(f'{r:.3f}' for r in ray_rates)}); "
           f"whole command incl. worker start and model load: {statistics.median(walls):.2f} s")
-    print(f"ratio ray/plain: {ray_rate / plain_rate:.3f}")
+    paired = statistics.median(r / p for r, p in zip(ray_rates, plain_rates))
+    print(f"ratio ray/plain: {ray_rate / plain_rate:.3f} of the medians; {paired:.3f} median of the rounds' ratios "
+          "(each round runs both back to back, so drift between rounds cancels)")
     from flops import count, roofline
 
     counted = count(args.arch, args.steps, args.size)
     result = {"device": device, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "plain_images_per_s": plain_rate, "ray_images_per_s": ray_rate, "ratio": ray_rate / plain_rate,
+              "paired_ratio": paired,
               "plain_rounds": plain_rates, "ray_rounds": ray_rates, "command_s": statistics.median(walls),
               "tflop_per_image": counted["tflop_per_image"]}
     if device != "cpu":

@@ -5,6 +5,7 @@ as a subprocess whose peak memory, and the peak total memory of memaudit's actor
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -31,7 +32,9 @@ class LocalCluster:
     def __init__(self, cpus_per_node: list[int]) -> None:
         self.port = _free_port()
         self.temp = Path("/tmp") / f"ray-bench-{os.getpid()}"  # Unix socket paths must stay short
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        # token authentication, as a real cluster has it; drivers get the token through ``env``
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN": secrets.token_hex(16)}
         self.cpus = cpus_per_node
 
     @property

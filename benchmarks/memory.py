@@ -42,7 +42,7 @@ def main() -> None:
                               "--set", f"generation.samples_per_prompt={args.samples_per_prompt}",
                               "--set", "generation.steps=1", "--set", "generation.guidance_scale=1.0",
                               "--set", f"generation.prompts_per_shard={args.prompts_per_shard}",
-                              "--set", f"compute.batch_size={args.batch_size}"])
+                              "--set", f"compute.batch_size={args.batch_size}"], env=cluster.env)
             if run.code != 0:
                 raise SystemExit(f"memaudit run failed at {size} samples:\n{run.output[-3000:]}")
             results.append({"samples": size, "shards": -(-n_prompts // args.prompts_per_shard),

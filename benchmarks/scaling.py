@@ -52,7 +52,7 @@ def main() -> None:
                                   "--set", f"generation.steps={args.steps}",
                                   "--set", f"generation.prompts_per_shard={args.prompts_per_shard}",
                                   "--set", f"compute.batch_size={args.batch_size}",
-                                  "--set", f"compute.num_workers={workers}"])
+                                  "--set", f"compute.num_workers={workers}"], env=cluster.env)
             if run.code != 0:
                 raise SystemExit(f"{where}, {workers} workers failed:\n{run.output[-3000:]}")
             rows, rate = _rate(run.output)

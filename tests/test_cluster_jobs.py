@@ -131,8 +131,8 @@ def test_losing_a_worker_node_mid_run_still_completes_every_sample_once(cluster:
     (tmp / "prompts8.txt").write_text("\n".join(PROMPTS[:8]) + "\n")
     cfg = write_config(tmp / "node-loss.yaml", run={"root": str(tmp / "node-loss")},
                        model={"path": "builtin:tiny"}, prompts={"source": str(tmp / "prompts8.txt")},
-                       generation={"samples_per_prompt": 4, "steps": 6, "prompts_per_shard": 1},
-                       compute={"batch_size": 4, "num_workers": 2})
+                       generation={"samples_per_prompt": 16, "steps": 20, "prompts_per_shard": 1},
+                       compute={"batch_size": 8, "num_workers": 2})  # shards of seconds: the kill lands mid-shard
     cli(cluster, "submit", "--no-wait", "--submission-id", "audit-node-loss", "--",
         sys.executable, str(REPO / "jobs" / "run.py"), str(cfg))
     deadline, pids = time.time() + 300, set()
@@ -150,11 +150,11 @@ def test_losing_a_worker_node_mid_run_still_completes_every_sample_once(cluster:
     run = Path(next(line for line in logs.splitlines() if line.startswith("run: ")).removeprefix("run: "))
     from audit.cli import main
 
-    assert main(["verify", str(run)]) == 0  # all 32 planned samples, each exactly once
+    assert main(["verify", str(run)]) == 0  # all 128 planned samples, each exactly once
     uninterrupted = write_config(tmp / "reference-run.yaml", **{**yaml.safe_load(cfg.read_text()),
                                                                 "run": {"root": str(tmp / "uninterrupted")}})
     status, logs = submit_and_wait(cluster, "audit-uninterrupted",
                                    [sys.executable, str(REPO / "jobs" / "run.py"), str(uninterrupted)])
     assert status == "SUCCEEDED", logs[-4000:]
     other = Path(next(line for line in logs.splitlines() if line.startswith("run: ")).removeprefix("run: "))
-    assert payload(run) == payload(other) and len(payload(run)) == 32  # byte-identical to a run without the loss
+    assert payload(run) == payload(other) and len(payload(run)) == 128  # byte-identical to a run without the loss

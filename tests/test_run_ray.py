@@ -362,3 +362,13 @@ def test_a_read_only_run_root_is_refused_before_any_work(first_run: dict, tmp_pa
         assert f"run.root {view}: cannot write to {view} (" in err and "nothing was written" in err, err
         assert main(["verify", str(view / run.relative_to(tmp_path / "rw" / "runs"))]) == 0  # reading still works
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_more_workers_than_the_cluster_can_place_still_finish(first_run: dict, tmp_path: Path) -> None:
+    cfg, run = _copy_of_first_run(first_run, tmp_path)
+    for shard in SHARDS[1:]:  # 3 shards for 3 one-CPU workers on a 2-CPU Ray: the third never starts
+        (run / "samples" / f"{shard}.parquet").unlink()
+    code = main(["-q", "run", str(cfg), "--no-report", "--set", "compute.num_workers=3",
+                 "--set", "compute.cpus_per_worker=1"])
+    assert code == 0 and payload(run).keys() == payload(first_run["run"]).keys()  # (1 thread each: other roundings)
+    assert main(["verify", str(run)]) == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,8 +122,13 @@ def run_tasks(pool: ActorPool, n_workers: int, tasks: list[ShardTask], max_attem
             for _ in range(min(n_workers, len(tasks))):  # started together
                 worker, describe = pool.launch()
                 starting[describe] = worker
-            # every first worker loaded (or failed) before work is dealt, so it spreads over all of them
-            ray.wait(list(starting), num_returns=len(starting))
+            # the first workers load (or fail) together before work is dealt, so it spreads over all of
+            # them; one the cluster cannot place (too few nodes left) is not waited for beyond the
+            # time the first needed, and joins later if it ever starts
+            began = time.monotonic()
+            _, late = ray.wait(list(starting), num_returns=1)
+            if late:
+                ray.wait(late, num_returns=len(late), timeout=max(10.0, 2 * (time.monotonic() - began)))
             first_ready = True
             while in_flight or (queue and starting):
                 ready, _ = ray.wait([*in_flight, *starting], num_returns=1)
