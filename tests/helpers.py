@@ -83,8 +83,8 @@ def read_only_view(source: Path, view: Path) -> Iterator[Path]:
 
 
 def payload(run: Path) -> dict[str, tuple]:
-    """Every sample's payload columns, by sample_id: equal for two runs means 0 lost, 0 duplicated,
-    byte-identical (a duplicated id would collapse, so callers also count the rows)."""
+    """Every sample's payload columns, by sample_id (a sample_id present twice fails here): equal for
+    two runs means 0 lost, 0 duplicated, byte-identical."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(run / "samples", columns=["sample_id", "seed", "image_png", "noise_magnitude", "status"])
