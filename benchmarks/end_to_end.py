@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from audit.config import AuditConfig, load_config
+from local_cluster import busy_window
 
 
 def _config(args: argparse.Namespace, work: Path) -> AuditConfig:
@@ -62,11 +63,6 @@ def pure(cfg: AuditConfig) -> dict[str, float]:
     return {"samples": n, "generation_s": gen_s, "embedding_s": time.perf_counter() - start}
 
 
-def _window(run: Path, table: str) -> float:
-    markers = [json.loads(p.read_text()) for p in (run / table / "_markers").glob("*.json")]
-    return max(m["finished_at"] for m in markers) - min(m["started_at"] for m in markers)
-
-
 def ray_run(cfg: AuditConfig) -> dict[str, float]:
     from audit.pipeline import run_audit
 
@@ -74,10 +70,10 @@ def ray_run(cfg: AuditConfig) -> dict[str, float]:
     result = run_audit(cfg)
     wall = time.perf_counter() - start
     run = result.run_path
-    return {"samples": result.generation.samples_written, "wall_s": wall,
-            "generation_window_s": _window(run, "samples"), "embedding_window_s": _window(run, "embeddings"),
-            "neighbors_window_s": _window(run, "neighbors") if (run / "neighbors").is_dir() else 0.0,
-            "detection_window_s": _window(run, "prompt_scores")}
+    windows = {f"{stage}_window_s": busy_window(run, table)[1] if (run / table / "_markers").is_dir() else 0.0
+               for stage, table in (("generation", "samples"), ("embedding", "embeddings"),
+                                    ("neighbors", "neighbors"), ("detection", "prompt_scores"))}
+    return {"samples": result.generation.samples_written, "wall_s": wall, **windows}
 
 
 def main() -> None:

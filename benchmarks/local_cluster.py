@@ -1,9 +1,11 @@
 """Helpers for benchmarks that need a Ray cluster of their own and a driver in its own process:
-``ray start`` nodes on 127.0.0.1 (each with its CPUs and a marker resource), and `memaudit run`
-as a subprocess whose peak memory, and the peak total memory of memaudit's actors, are sampled."""
+``ray start`` nodes on 127.0.0.1 (each with its CPUs and a marker resource), `memaudit run` as a
+subprocess whose peak memory, and the peak total memory of memaudit's actors, are sampled, and
+a table's busy window as the workers recorded it in the shards' markers."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import socket
@@ -94,3 +96,11 @@ def run_driver(args: list[str], env: dict[str, str] | None = None, interval: flo
     reported = [line for line in output.splitlines() if line.startswith("driver peak RSS KiB ")]
     driver = int(reported[-1].split()[-1]) * 1024 if reported else 0
     return DriverRun(proc.returncode, seconds, driver, peaks["actors"], output)
+
+
+def busy_window(run: Path, table: str) -> tuple[int, float]:
+    """(rows, seconds) of ``table`` in ``run``: first shard start to last shard finish, as the
+    workers recorded them in the markers (worker start-up and model loading excluded)."""
+    markers = [json.loads(p.read_text()) for p in (run / table / "_markers").glob("*.json")]
+    seconds = max(m["finished_at"] for m in markers) - min(m["started_at"] for m in markers)
+    return sum(int(m["rows"]) for m in markers), seconds

@@ -5,7 +5,6 @@ Generation images/s come from the shards' markers (first start to last finish on
 Ray start-up and model loading are not counted. Efficiency = rate with 2 workers / (2 x rate with
 1 worker of the same size). On one 2-core machine the CPUs are shared: one node with 2 CPUs runs
 1 worker with 2 threads or 2 workers with 1 thread each; the 2-node cluster has 1 CPU per node.
-With a GPU per worker the same command measures GPU scaling (``--cpus`` per node, ``--gpus``).
 
     python benchmarks/scaling.py
     python benchmarks/scaling.py --samples 8 --json scaling.json
@@ -18,15 +17,13 @@ import json
 import tempfile
 from pathlib import Path
 
-from local_cluster import LocalCluster, run_driver
+from local_cluster import LocalCluster, busy_window, run_driver
 
 
 def _rate(output: str) -> tuple[int, float]:
     run = Path(next(line for line in output.splitlines() if line.startswith("run: ")).removeprefix("run: "))
-    markers = [json.loads(p.read_text()) for p in (run / "samples" / "_markers").glob("*.json")]
-    window = max(m["finished_at"] for m in markers) - min(m["started_at"] for m in markers)
-    rows = sum(int(m["rows"]) for m in markers)
-    return rows, rows / window
+    rows, seconds = busy_window(run, "samples")
+    return rows, rows / seconds
 
 
 def main() -> None:
