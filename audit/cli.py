@@ -177,7 +177,7 @@ def _run(args: argparse.Namespace) -> int:
 
     result = run_audit(cfg, address=args.address, retry_failed=args.retry_failed, force=args.force)
     report = result.generation
-    print(f"run: {result.run_path}")
+    print(f"run: {result.location or result.run_path}")
     print(
         f"samples: {report.samples_written} written this time ({report.shards_written} shards), "
         f"{report.shards_skipped} of {report.shards_total} shards already complete"
@@ -202,7 +202,7 @@ def _run(args: argparse.Namespace) -> int:
     if prompts and not args.no_report:
         from audit.report.build import write_report
 
-        print(f"report: {write_report(result.run_path)}")
+        print(f"report: {write_report(result.location or result.run_path)}")
     failed = {**report.shards_failed, **{f"embeddings {k}": v for k, v in embedded.shards_failed.items()},
               **{f"detection {k}": v for k, v in result.detection.get("failed", {}).items()}}
     if failed:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
+from audit.cli_report import location
 from audit.config import AuditConfig
 from audit.errors import InputError
 
@@ -15,26 +17,39 @@ def add_parser(commands: argparse._SubParsersAction, with_config: Callable[[argp
     reference = commands.add_parser("reference", help="the training-set side: embed, index, duplicate counts")
     actions = reference.add_subparsers(dest="action", required=True, metavar="ACTION")
     embed = actions.add_parser("embed", help="embed an img2dataset output folder into the LAION layout (on Ray)")
-    embed.add_argument("source", type=Path, help="img2dataset output folder (webdataset or parquet format)")
-    embed.add_argument("out", type=Path, help="reference folder to write (img_emb/, metadata/, rejected/)")
+    embed.add_argument("source", type=location, help="img2dataset output folder (webdataset or parquet format)")
+    embed.add_argument("out", type=location, help="reference folder to write (img_emb/, metadata/, rejected/)")
     embed.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     with_config(embed)
     index = actions.add_parser("index", help="build faiss index shards and a manifest for an embedding folder")
-    index.add_argument("folder", type=Path, help="embedding folder (memaudit's or precomputed LAION embeddings)")
-    index.add_argument("--out", type=Path, help="index folder (default: FOLDER/index)")
+    index.add_argument("folder", type=location, help="embedding folder (memaudit's or precomputed LAION embeddings)")
+    index.add_argument("--out", type=location, help="index folder (default: FOLDER/index)")
     index.add_argument("--factory", help="faiss factory string (overrides reference.index_factory)")
     with_config(index)
     dups = actions.add_parser("dups", help="near-duplicate count of every reference item (needs the index)")
-    dups.add_argument("folder", type=Path)
+    dups.add_argument("folder", type=location)
     with_config(dups)
     validate = actions.add_parser("validate", help="check an embedding folder and report bad rows")
-    validate.add_argument("folder", type=Path)
+    validate.add_argument("folder", type=location)
     testbed = actions.add_parser("testbed", help="the testbed's training set as a reference: embed, index, dups")
-    testbed.add_argument("out", type=Path, help="reference folder to write")
+    testbed.add_argument("out", type=location, help="reference folder to write")
     with_config(testbed)
 
 
 def run(args: argparse.Namespace, cfg: AuditConfig | None) -> int:
+    """Object-store folders are worked on in their local mirror; what was written is published."""
+    from audit.remote import is_uri, working_copy
+
+    with ExitStack() as stack:
+        for name in ("folder", "out"):  # `embed` reads and writes object stores itself, shard by shard
+            value = getattr(args, name, None)
+            if value is not None and is_uri(value) and args.action != "embed":
+                publish = args.action != "validate"
+                setattr(args, name, stack.enter_context(working_copy(str(value), publish)))
+        return _dispatch(args, cfg)
+
+
+def _dispatch(args: argparse.Namespace, cfg: AuditConfig | None) -> int:
     if args.action == "validate":
         return _validate(args.folder)
     assert cfg is not None
@@ -47,7 +62,7 @@ def run(args: argparse.Namespace, cfg: AuditConfig | None) -> int:
     return _testbed(cfg, args.out)
 
 
-def _embed(cfg: AuditConfig, source: Path, out: Path, address: str | None) -> int:
+def _embed(cfg: AuditConfig, source: str | Path, out: str | Path, address: str | None) -> int:
     from audit.pipeline.reference import embed_reference
 
     report = embed_reference(cfg, source, out, address)

@@ -10,17 +10,24 @@ EXIT_GATE_FAILED = 4
 EXIT_VERIFY_FAILED = 5
 
 
+def location(text: str) -> str | Path:
+    """A command-line folder: an object-store URI stays a string (Path would fold its '//')."""
+    from audit.remote import is_uri
+
+    return text if is_uri(text) else Path(text)
+
+
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     report = commands.add_parser("report", help="write RUN/report/index.html, summary.json and plots")
-    report.add_argument("run", type=Path, help="run folder (<root>/model=…/checkpoint=…/run=…)")
+    report.add_argument("run", type=location, help="run folder (<root>/model=…/checkpoint=…/run=…)")
     report.add_argument("--gallery", type=int, default=24, help="verified pairs shown (default 24)")
     verify = commands.add_parser("verify", help="reconcile a run with its plan: every sample once, markers vs files")
-    verify.add_argument("run", type=Path, help="run folder")
+    verify.add_argument("run", type=location, help="run folder")
     verify.add_argument("--json", action="store_true", help="print the findings as JSON")
     compare = commands.add_parser("compare", help="compare two runs (e.g. two checkpoints); a release gate")
-    compare.add_argument("run_a", type=Path, help="the earlier run (baseline)")
-    compare.add_argument("run_b", type=Path, help="the later run (candidate)")
-    compare.add_argument("--out", type=Path, help="output folder (default: RUN_B/compare/vs-<run A>)")
+    compare.add_argument("run_a", type=location, help="the earlier run (baseline)")
+    compare.add_argument("run_b", type=location, help="the later run (candidate)")
+    compare.add_argument("--out", type=location, help="output folder (default: RUN_B/compare/vs-<run A>)")
     compare.add_argument("--fail-if-new-memorized", action="store_true",
                          help=f"exit {EXIT_GATE_FAILED} if any prompt is flagged in B but not in A")
     compare.add_argument("--max-rate-increase", type=float, metavar="DELTA",

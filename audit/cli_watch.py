@@ -6,15 +6,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
-from audit.cli_report import EXIT_GATE_FAILED
+from audit.cli_report import EXIT_GATE_FAILED, location
 
 
 def add_parser(commands: argparse._SubParsersAction, with_config: Callable[[argparse.ArgumentParser], None]) -> None:
     watch = commands.add_parser("watch", help="audit checkpoints not audited yet under DIR, then compare each "
                                               "with the previous one")
-    watch.add_argument("folder", type=Path, help="folder the training job writes diffusers checkpoints to")
+    watch.add_argument("folder", type=location,
+                       help="folder (or object-store prefix) the training job writes diffusers checkpoints to")
     with_config(watch)
     watch.add_argument("--model", help="model=<name> of the runs (default: the folder's name)")
     watch.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")

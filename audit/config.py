@@ -46,7 +46,8 @@ def _partition_value(value: str | None, key: str) -> str | None:
 class RunSection(_Section):
     """Where the run is written and what identifies it."""
 
-    root: str = Field("memaudit-runs", description="Folder holding model=/checkpoint=/run= trees.")
+    root: str = Field("memaudit-runs", description="Folder (or object-store URI, e.g. s3://bucket/runs) "
+                                                   "holding model=/checkpoint=/run= trees.")
     model_name: str | None = Field(None, description="model=<name>; default: the checkpoint folder name.")
     checkpoint_id: str | None = Field(None, description="checkpoint=<id>; default: content hash prefix.")
     run_id: str | None = Field(None, description="run=<id>; default: hash of what determines results.")
@@ -61,7 +62,7 @@ class RunSection(_Section):
 class ModelSection(_Section):
     """The text-to-image checkpoint and how to load it."""
 
-    path: str = Field("builtin:testbed", description="diffusers folder, hub id, or builtin:<name>.")
+    path: str = Field("builtin:testbed", description="diffusers folder (or its object-store URI), hub id, or builtin:<name>.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
@@ -155,7 +156,7 @@ class EmbeddingSection(_Section):
 class ReferenceSection(_Section):
     """The training-set side: embedding folder, faiss index recipe, duplicate counting."""
 
-    path: str | None = Field(None, description="Reference folder (img_emb/, metadata/, index/), builtin:testbed, or null.")
+    path: str | None = Field(None, description="Reference folder or URI (img_emb/, metadata/, index/), builtin:testbed, or null.")
     input_format: Literal["auto", "webdataset", "parquet"] = Field(
         "auto", description="img2dataset output format read by `reference embed`."
     )

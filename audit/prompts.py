@@ -17,6 +17,7 @@ import pyarrow.dataset as ds
 
 from audit.config import PromptsSection
 from audit.errors import InputError
+from audit.remote import is_uri
 from audit.testbed.builtin import testbed_folder
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,12 @@ def resolve_source(section: PromptsSection) -> tuple[Path, str]:
                 f"available: {', '.join('builtin:' + n for n in BUILTIN_SOURCES)}"
             )
         return BUILTIN_SOURCES[name], "txt"
-    path = Path(source)
+    if is_uri(source):  # an object (a prompt file) or a prefix (a parquet folder, a reference folder)
+        from audit.remote import materialize
+
+        path = materialize(source, "prompts.source")
+    else:
+        path = Path(source)
     if not path.exists():
         raise InputError(f"prompts.source: {path} does not exist (give a .txt, .jsonl or .parquet file)")
     fmt = section.format

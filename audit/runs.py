@@ -85,7 +85,8 @@ def open_run(inputs: PreparedInputs, device_type: str, dtype: str, force: bool =
     checkpoint_id = cfg.run.checkpoint_id or inputs.checkpoint["sha256"][:12]
     run_id = cfg.run.run_id or digest[:12]
     store = RunStore(run_dir(cfg.run.root, model_name, checkpoint_id, run_id))
-    check_writable(store.path, "run folder")
+    check_writable(store.path, "run folder" if store.remote is None else "local mirror of the run")
+    store.sync()
     existing = store.read_json()
     if existing is not None:
         try:
@@ -93,6 +94,9 @@ def open_run(inputs: PreparedInputs, device_type: str, dtype: str, force: bool =
         except InputError:
             if not force:
                 raise
+            if store.remote is not None:
+                raise InputError(f"{store.location}: --force cannot set a run aside on an object store (objects "
+                                 "cannot be renamed); set another run.run_id instead") from None
             aside = store.path.with_name(f"{store.path.name}.superseded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
             store.path.rename(aside)
             log.warning("--force: the run folder made with other settings is kept as %s; starting it again", aside)
@@ -101,9 +105,9 @@ def open_run(inputs: PreparedInputs, device_type: str, dtype: str, force: bool =
         store.write_table("prompts", PROMPTS_FILE, inputs.plan.table)
     if existing is None:
         store.write_json(redact(_run_json(inputs, identity, digest, model_name, checkpoint_id, run_id)))
-        log.info("new run %s", store.path)
+        log.info("new run %s", store.location)
     else:
-        log.info("resuming run %s", store.path)
+        log.info("resuming run %s", store.location)
     return store
 
 
@@ -118,7 +122,7 @@ def _check_same_run(store: RunStore, existing: dict[str, Any], identity: dict[st
     old, new = _flatten(existing.get("identity", {})), _flatten(redact(identity))
     differences = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     raise InputError(
-        f"{store.path}: this run was made with other settings ({'; '.join(differences) or 'unknown'}); "
+        f"{store.location}: this run was made with other settings ({'; '.join(differences) or 'unknown'}); "
         "set another run.run_id, or pass --force to set this folder aside (renamed, nothing deleted) and start again"
     )
 

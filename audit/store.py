@@ -16,7 +16,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from audit.errors import StorageError
+from audit.remote import RemoteFolder, is_uri, join, mirror_path
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,19 @@ def folder_safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", text)
 
 
-def run_dir(root: str | Path, model_name: str, checkpoint_id: str, run_id: str) -> Path:
-    """Hive-style run folder, so DuckDB/Polars can glob many runs and get the keys as columns."""
-    return Path(root) / f"model={model_name}" / f"checkpoint={checkpoint_id}" / f"run={run_id}"
+def run_dir(root: str | Path, model_name: str, checkpoint_id: str, run_id: str) -> str | Path:
+    """Hive-style run folder, so DuckDB/Polars can glob many runs and get the keys as columns
+    (a path, or a URI when ``root`` is one)."""
+    return join(root, f"model={model_name}", f"checkpoint={checkpoint_id}", f"run={run_id}")
 
 
 def check_writable(path: str | Path, what: str) -> None:
     """Refuse, before any work, a location that cannot be written (a read-only mount, no
-    permission): checked on ``path`` or, if it does not exist yet, its nearest existing parent."""
+    permission): checked on ``path`` or, if it does not exist yet, its nearest existing parent;
+    on an object store, by writing and deleting a probe object."""
+    if is_uri(path):
+        RemoteFolder(str(path)).check_writable(what)
+        return
     target = Path(path).absolute()
     probe = target
     while not probe.exists() and probe != probe.parent:
@@ -121,10 +127,31 @@ def file_sha256(path: Path) -> str:
 
 
 class RunStore:
-    """Paths and atomic I/O inside one run folder."""
+    """Paths and atomic I/O inside one run folder.
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    ``location`` is a path or an object-store URI. With a URI, ``path`` is the local mirror (see
+    :mod:`audit.remote`): every file is written there first and then published, a shard before
+    its marker; :meth:`sync` and :meth:`readable` bring in what other nodes published. The
+    object store is the truth: a local marker the bucket lacks counts for nothing.
+    """
+
+    def __init__(self, location: str | Path) -> None:
+        self.remote = RemoteFolder(str(location)) if is_uri(location) else None
+        self.path = mirror_path(self.remote.uri) if self.remote else Path(location)
+        self.location: str = self.remote.uri if self.remote else str(self.path)
+
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.path).as_posix()
+
+    def publish(self, path: Path) -> None:
+        """Upload one finished local file of the run (no-op for a local run)."""
+        if self.remote is not None:
+            self.remote.upload(path, self._rel(path))
+
+    def _publish_shard(self, final: Path, marker: Path, marker_bytes: bytes) -> None:
+        if self.remote is not None:
+            self.remote.upload(final, self._rel(final))
+            self.remote.write(self._rel(marker), marker_bytes)
 
     def table_dir(self, table: str) -> Path:
         return self.path / table
@@ -143,11 +170,13 @@ class RunStore:
 
     def write_json(self, obj: dict[str, Any], name: str = RUN_JSON) -> None:
         write_bytes_atomic(self.path / name, json.dumps(obj, indent=2, sort_keys=False).encode())
+        self.publish(self.path / name)
 
     def write_table(self, table_name: str, file_name: str, table: pa.Table) -> Path:
         """Write a whole (small) table file atomically."""
         final = self.table_dir(table_name) / file_name
         write_parquet_atomic(final, table)
+        self.publish(final)
         return final
 
     def read_marker(self, table: str, shard: str) -> dict[str, Any] | None:
@@ -194,14 +223,87 @@ class RunStore:
 
     def invalidate(self, table: str, shard: str) -> None:
         """Mark a shard incomplete before it is rewritten (a crash then means 'redo it')."""
+        if self.remote is not None:
+            self.remote.remove(self._rel(self.marker_path(table, shard)))
         self.marker_path(table, shard).unlink(missing_ok=True)
 
     def open_shard(
         self, table: str, shard: str, schema: pa.Schema, compression: dict[str, str] | str = "zstd"
     ) -> ShardWriter:
-        return ShardWriter(
-            self.shard_path(table, shard), self.marker_path(table, shard), schema, compression
-        )
+        return ShardWriter(self.shard_path(table, shard), self.marker_path(table, shard), schema, compression,
+                           publish=self._publish_shard if self.remote is not None else None)
+
+    def sync(self) -> int:
+        """Make the local mirror of a URI run match the object store: every shard its marker
+        there calls complete is fetched (when the local copy differs), local markers the store
+        lacks are dropped, other files missing locally are fetched. Returns files fetched."""
+        if self.remote is None:
+            return 0
+        objects = self.remote.listing()
+        markers = self.remote.read_many(sorted(r for r in objects if f"/{MARKERS}/" in r and r.endswith(".json")))
+        fetched = 0
+        for rel, data in markers.items():
+            fetched += self._adopt(rel, data, objects)
+        for local_marker in self.path.glob(f"*/{MARKERS}/*.json"):
+            if self._rel(local_marker) not in markers:
+                local_marker.unlink(missing_ok=True)
+        shard_files = {self._shard_rel(rel) for rel in markers}
+        for rel, size in objects.items():
+            target = self.path / rel
+            if (rel in markers or rel in shard_files or TMP_TAG in rel or "write-probe" in rel
+                    or (target.is_file() and target.stat().st_size == size)):
+                continue
+            self.remote.download(rel, target)
+            fetched += 1
+        if fetched:
+            log.info("%s: fetched %d files into %s", self.location, fetched, self.path)
+        return fetched
+
+    @staticmethod
+    def _shard_rel(marker_rel: str) -> str:
+        table, _, name = marker_rel.rsplit("/", 2)
+        return f"{table}/{name.removesuffix('.json')}.parquet"
+
+    def _adopt(self, marker_rel: str, data: bytes, objects: dict[str, int] | None = None) -> int:
+        """Bring one published shard (marker ``data``) into the mirror; 1 if its file was fetched."""
+        local_marker = self.path / marker_rel
+        shard_rel = self._shard_rel(marker_rel)
+        local_shard = self.path / shard_rel
+        try:
+            size = json.loads(data).get("bytes")
+        except json.JSONDecodeError:
+            log.warning("%s/%s: unreadable completion marker; the shard will be redone", self.location, marker_rel)
+            local_marker.unlink(missing_ok=True)
+            return 0
+        same = (local_marker.is_file() and local_marker.read_bytes() == data
+                and local_shard.is_file() and local_shard.stat().st_size == size)
+        if same:
+            return 0
+        local_marker.unlink(missing_ok=True)
+        remote_size = objects.get(shard_rel) if objects is not None else size
+        if remote_size != size:
+            log.warning("%s/%s: missing or of another size than its marker says; the shard will be redone",
+                        self.location, shard_rel)
+            return 0
+        self.remote.download(shard_rel, local_shard)  # type: ignore[union-attr]
+        write_bytes_atomic(local_marker, data)
+        return 1
+
+    def readable(self, table: str, shard: str) -> Path:
+        """The local path of a complete shard, fetched first when another node published it."""
+        if self.remote is not None:
+            rel = self._rel(self.marker_path(table, shard))
+            data = self.remote.read(rel)
+            if data is not None:
+                self._adopt(rel, data)
+        return self.shard_path(table, shard)
+
+    def readable_file(self, rel: str) -> Path:
+        """The local path of a whole-run file (e.g. ``prompts/prompts.parquet``), fetched if missing."""
+        local = self.path / rel
+        if self.remote is not None and not local.is_file():
+            self.remote.download(rel, local)
+        return local
 
     def remove_stale_tmp(self, table: str, older_than_s: float = 86_400) -> int:
         """Delete temporary files that crashed writers left behind (a day old by default, so
@@ -221,8 +323,10 @@ class ShardWriter:
     """Streams record batches into one shard's Parquet file; ``commit`` publishes it.
 
     Rows are buffered into row groups of about ``row_group_bytes``; the file appears under its
-    final name only in ``commit``, after which the marker is written. Leaving the ``with`` block
-    with an exception deletes the temporary file and leaves no marker.
+    final name only in ``commit``, after which the marker is written (``publish``, when given,
+    uploads the file and then the marker to the object store before the local marker is
+    written). Leaving the ``with`` block with an exception deletes the temporary file and leaves
+    no marker.
     """
 
     def __init__(
@@ -232,8 +336,10 @@ class ShardWriter:
         schema: pa.Schema,
         compression: dict[str, str] | str,
         row_group_bytes: int = ROW_GROUP_BYTES,
+        publish: Callable[[Path, Path, bytes], None] | None = None,
     ) -> None:
         self.final, self.marker, self.schema = final, marker, schema
+        self.publish = publish
         self.row_group_bytes = row_group_bytes
         final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp_path(final)
@@ -302,7 +408,10 @@ class ShardWriter:
             "host": socket.gethostname(),
             **extra,
         }
-        write_bytes_atomic(self.marker, json.dumps(marker, indent=2).encode())
+        data = json.dumps(marker, indent=2).encode()
+        if self.publish is not None:  # the object store first: a local marker implies a published shard
+            self.publish(self.final, self.marker, data)
+        write_bytes_atomic(self.marker, data)
         return marker
 
     def abort(self) -> None:

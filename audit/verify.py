@@ -37,8 +37,9 @@ class Verification:
                 "problems": self.problems, "notes": self.notes}
 
 
-def verify_run(path: Path) -> Verification:
+def verify_run(path: str | Path) -> Verification:
     store = RunStore(path)
+    store.sync()  # an object-store run: its published shards are fetched and checked here
     info = store.read_json()
     if info is None:
         raise InputError(f"{path}: not a run folder (no run.json)")

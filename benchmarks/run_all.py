@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "memory": ([], []),
     "scaling": ([], []),
     "detection": (["--per-group", "8", "--samples", "4"], []),
+    "object_store": ([], []),
 }
 
 
@@ -71,6 +72,9 @@ def headline(name: str, result: dict[str, Any]) -> str:
         n = max(result, key=int)
         best = max(result[n]["methods"].items(), key=lambda kv: kv[1]["auc"])
         return f"best prompt-level AUC at {n} samples/prompt: {best[0]} {best[1]['auc']:.3f} (TPR@1%FPR {best[1]['tpr@1%fpr']:.3f})"
+    if name == "object_store":
+        return (f"S3 run root {result['s3_vs_local']:.3f}x the local-disk wall time ({result['samples']} samples, "
+                f"{result['objects']} objects); no-op resume on an empty cache {result['resume_s']:.1f} s")
     return ", ".join(f"{k}" for k in list(result)[:4])
 
 

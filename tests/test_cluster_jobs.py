@@ -1,6 +1,8 @@
 """A real 2-node Ray cluster on this machine (`ray start --head` on 127.0.0.1 plus a second
-`ray start --address` node with its own resources); the testbed audit is submitted through the
-Ray Jobs API, and submitting it again is a no-op resume."""
+`ray start --address` node with its own resources and its own local cache, like another
+machine); the testbed audit is submitted through the Ray Jobs API, and submitting it again is a
+no-op resume. With the run root in a bucket of a real S3-compatible server, the nodes share
+nothing but the bucket."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import PROMPTS, payload, write_config
+from helpers import PROMPTS, payload, s3, s3_server, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -31,7 +33,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def s3_env() -> Iterator[dict[str, str]]:
+    with s3_server() as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     import ray
 
     if ray.is_initialized():
@@ -44,17 +52,22 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
     saved = {k: os.environ.get(k) for k in auth}
     os.environ.update(auth)
-    env = dict(os.environ)
+    # an in-process local Ray started earlier in this process (audit.pipeline.connect) turns multi-node
+    # clusters off in os.environ to stay on the loopback; the cluster's nodes must not inherit that
+    env = {k: v for k, v in {**os.environ, **s3_env}.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    caches = {node: tmp_path_factory.mktemp(f"cache-{node}") for node in ("head", "worker")}
     head = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=1",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
             f"--temp-dir={temp}", "--resources={\"head_node\": 1}"]
     worker = [RAY, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
               "--resources={\"second_node\": 1}"]
     try:
-        subprocess.run(head, env=env, check=True, capture_output=True, timeout=180)
-        subprocess.run(worker, env=env, check=True, capture_output=True, timeout=180)
+        for command, cache in ((head, caches["head"]), (worker, caches["worker"])):
+            done = subprocess.run(command, env={**env, "MEMAUDIT_CACHE": str(cache)}, capture_output=True, text=True,
+                                  timeout=180)
+            assert done.returncode == 0, f"{' '.join(command)}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
         yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env,
-               "tmp": tmp_path_factory.mktemp("cluster")}
+               "tmp": tmp_path_factory.mktemp("cluster"), "caches": caches, "s3": s3_env}
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
@@ -121,6 +134,43 @@ def test_audit_submitted_through_the_jobs_api_on_two_nodes_then_resubmitted(clus
     assert status == "SUCCEEDED", logs[-3000:]
     assert "samples: 0 written this time (0 shards), 4 of 4 shards already complete" in logs
     assert {p: p.stat().st_mtime_ns for p in (run / "samples").glob("*.parquet")} == stamps
+
+
+@pytest.mark.slow  # ~100 s (two submissions, two nodes, every file through the bucket); run with --run-slow
+def test_object_store_audit_on_two_nodes_sharing_only_the_bucket_then_resubmitted(cluster: dict) -> None:
+    from audit.testbed.builtin import builtin_checkpoint
+
+    nodes = json.loads(subprocess.run([sys.executable, "-c", NODES, cluster["gcs"]], env=cluster["env"], check=True,
+                                      capture_output=True, text=True, timeout=120).stdout.strip().splitlines()[-1])
+    assert len(nodes) == 2
+    client = s3(cluster["s3"])
+    client.mkdir("audits")
+    client.put(str(builtin_checkpoint("tiny")), "audits/models/tiny", recursive=True)
+    tmp = cluster["tmp"]
+    (tmp / "prompts-s3.txt").write_text("\n".join(PROMPTS[:4]) + "\n")
+    cfg = write_config(tmp / "audit-s3.yaml", run={"root": "s3://audits/runs"},
+                       model={"path": "s3://audits/models/tiny"}, prompts={"source": str(tmp / "prompts-s3.txt")},
+                       generation={"samples_per_prompt": 2, "steps": 2, "prompts_per_shard": 1},
+                       compute={"batch_size": 2, "num_workers": 2})
+    entrypoint = [sys.executable, str(REPO / "jobs" / "run.py"), str(cfg)]
+    status, logs = submit_and_wait(cluster, "audit-s3-first", entrypoint)
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert "samples: 8 written this time (4 shards)" in logs
+    uri = next(line for line in logs.splitlines() if line.startswith("run: ")).removeprefix("run: ")
+    assert uri.startswith("s3://audits/runs/model=tiny/") and f"report: {uri}/report/index.html" in logs
+    key = uri.removeprefix("s3://")
+    markers = [json.loads(client.cat(k)) for k in sorted(client.find(f"{key}/samples/_markers"))]
+    assert len(markers) == 4 and sum(m["rows"] for m in markers) == 8
+    assert len({m["pid"] for m in markers}) == 2  # two generation actors, one per node
+    assert client.exists(f"{key}/prompt_scores/_markers/shard-00003.json") and client.exists(f"{key}/report/index.html")
+    mirrors = {node: cache / "mirror" / "s3" / key for node, cache in cluster["caches"].items()}
+    assert all(len(list((m / "samples").glob("*.parquet"))) >= 1 for m in mirrors.values())  # each node wrote its own
+    objects = {k: v["ETag"] for k, v in client.find(key, detail=True).items() if "/report/" not in k}
+
+    status, logs = submit_and_wait(cluster, "audit-s3-again", entrypoint)  # the same run again: a no-op resume
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert "samples: 0 written this time (0 shards), 4 of 4 shards already complete" in logs
+    assert {k: v["ETag"] for k, v in client.find(key, detail=True).items() if "/report/" not in k} == objects
 
 
 @pytest.mark.slow

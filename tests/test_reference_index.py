@@ -58,6 +58,7 @@ def test_exact_index_over_three_shards_equals_brute_force(tmp_path: Path) -> Non
     assert np.all(np.diff(scores, axis=1) <= 1e-6)
 
 
+@pytest.mark.slow
 def test_ivf_pq_with_exact_rerank_reaches_recall_on_clustered_vectors(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     centres = rng.standard_normal((50, 64)) * 3

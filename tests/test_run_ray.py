@@ -185,6 +185,7 @@ def _wait_for_marker(root: Path, proc: subprocess.Popen, timeout: float = 240) -
     return markers
 
 
+@pytest.mark.slow
 def test_generation_actor_killed_mid_run_is_replaced_and_the_result_is_identical(
         first_run: dict, tiny_checkpoint: Path, tmp_path: Path) -> None:
     import psutil
@@ -261,6 +262,7 @@ def test_reopening_a_run_with_other_settings_is_refused(first_run: dict, tmp_pat
     assert _state(first_run["run"]) == first_run["state"]
 
 
+@pytest.mark.slow  # ~25 s
 def test_force_sets_a_run_made_with_other_settings_aside_and_starts_again(first_run: dict, tmp_path: Path) -> None:
     cfg_path, run = _copy_of_first_run(first_run, tmp_path)
     cfg = _load(cfg_path)
@@ -364,6 +366,7 @@ def test_a_read_only_run_root_is_refused_before_any_work(first_run: dict, tmp_pa
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_more_workers_than_the_cluster_can_place_still_finish(first_run: dict, tmp_path: Path) -> None:
     cfg, run = _copy_of_first_run(first_run, tmp_path)
     for shard in SHARDS[1:]:  # 3 shards for 3 one-CPU workers on a 2-CPU Ray: the third never starts

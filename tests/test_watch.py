@@ -13,7 +13,7 @@ import pytest
 
 from audit.cli import main
 from audit.testbed.architectures import TINY, build_pipeline, save_pipeline
-from audit.watch import find_checkpoints, natural_key, try_lock
+from audit.watch_state import find_checkpoints, natural_key, try_lock
 from helpers import PROMPTS, write_config
 
 
@@ -53,6 +53,7 @@ def test_a_held_lock_is_not_taken_twice(tmp_path: Path) -> None:
         assert again  # released with its holder
 
 
+@pytest.mark.slow  # ~60 s; test_remote.py runs the same flow with the state in a bucket in every suite
 def test_watch_audits_each_new_checkpoint_once_and_compares_it(ray_local: str, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture) -> None:
     ckpts, cfg = make_setup(tmp_path, ["step-900", "step-1000"])

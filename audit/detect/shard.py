@@ -39,7 +39,7 @@ class Detector:
                  device: str = "cpu"):
         self.cfg, self.store, self.device = cfg, store, device
         self.det = cfg.detection
-        prompts = pq.read_table(store.path / "prompts" / "prompts.parquet", columns=["prompt_id", "prompt", "key"])
+        prompts = pq.read_table(store.readable_file("prompts/prompts.parquet"), columns=["prompt_id", "prompt", "key"])
         self.prompts = {p: (t, k) for p, t, k in zip(*(prompts.column(c).to_pylist() for c in ("prompt_id", "prompt", "key")))}
         self.vectors = self.images = None
         if reference_root is not None and manifest is not None:
@@ -48,9 +48,9 @@ class Detector:
             self.images = ReferenceImages(reference_root, manifest)
 
     def run(self, shard: str, **extra: Any) -> dict[str, Any]:
-        samples = pq.read_table(self.store.shard_path("samples", shard),
+        samples = pq.read_table(self.store.readable("samples", shard),
                                 columns=["sample_id", "prompt_id", "image_png", "noise_magnitude", "status"]).to_pydict()
-        embeddings = pq.read_table(self.store.shard_path("embeddings", shard))
+        embeddings = pq.read_table(self.store.readable("embeddings", shard))
         dim = int(embeddings.schema.field("embedding").metadata[b"dim"])
         sample_emb = dict(zip(embeddings.column("sample_id").to_pylist(),
                               decode_embeddings(embeddings.column("embedding"), dim)))
@@ -75,7 +75,7 @@ class Detector:
 
     def _neighbors(self, shard: str) -> dict[str, list[tuple[int, int, str | None, float]]]:
         out: dict[str, list[tuple[int, int, str | None, float]]] = defaultdict(list)
-        path = self.store.shard_path("neighbors", shard)
+        path = self.store.readable("neighbors", shard)
         if not path.exists():
             return out
         table = pq.read_table(path, columns=["sample_id", "rank", "row", "key", "score"]).to_pydict()

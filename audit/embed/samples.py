@@ -38,7 +38,7 @@ def inputs(store: RunStore, shard: str, model_id: str) -> dict[str, str]:
 
 def embed_shard(stage: EmbedStage, store: RunStore, shard: str, **extra: object) -> dict[str, object]:
     """Embed every sample of one complete samples/ shard and publish the aligned shard."""
-    source = pq.ParquetFile(store.shard_path(SOURCE, shard))
+    source = pq.ParquetFile(store.readable(SOURCE, shard))
     store.invalidate(TABLE, shard)
     with store.open_shard(TABLE, shard, schema(stage.dim, stage.model_id)) as writer:
         columns = ["sample_id", "prompt_id", "image_png", "status"]

@@ -18,6 +18,7 @@ from typing import Any
 
 from audit.config import GenerationSection, ModelSection
 from audit.errors import InputError
+from audit.remote import is_uri
 from audit.generate.completeness import PICKLE_SUFFIXES, check_complete
 from audit.store import folder_safe
 
@@ -30,9 +31,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class ResolvedModel:
     """A checkpoint located on this machine."""
 
-    ref: str  # as configured: folder, hub id or builtin:<name>
+    ref: str  # as configured: folder, object-store URI, hub id or builtin:<name>
     folder: Path  # the diffusers folder on this machine
-    kind: str  # "local", "hub" or "builtin"
+    kind: str  # "local", "remote", "hub" or "builtin"
 
     @property
     def default_name(self) -> str:
@@ -62,6 +63,14 @@ def resolve_model(section: ModelSection) -> ResolvedModel:
         from audit.testbed.builtin import builtin_checkpoint
 
         return ResolvedModel(ref, builtin_checkpoint(ref.removeprefix("builtin:")), "builtin")
+    if is_uri(ref):  # every node mirrors it into its own cache (only missing files are fetched)
+        from audit.remote import materialize
+
+        folder = materialize(ref, "model.path")
+        if not (folder / "model_index.json").is_file():
+            raise InputError(f"model.path: {ref} has no model_index.json, so it is not a diffusers pipeline "
+                             "folder (upload one saved with pipeline.save_pretrained)")
+        return ResolvedModel(ref, folder, "remote")
     path = Path(ref).expanduser()
     if path.exists():
         if path.is_file():

@@ -34,7 +34,7 @@ def retry_failed_samples(
     stage: TwoPhaseStage, store: RunStore, cfg: AuditConfig, shard: ShardSpec, **extra: Any
 ) -> dict[str, Any]:
     """Regenerate the rows of a complete shard whose status is not ``ok``; keep the others."""
-    path = store.shard_path(TABLE, shard.name)
+    path = store.readable(TABLE, shard.name)
     status = pq.read_table(path, columns=["sample_id", "status"])
     failed = set(status.filter(pc.not_equal(status["status"], STATUS_OK))["sample_id"].to_pylist())
     marker = store.read_marker(TABLE, shard.name) or {}

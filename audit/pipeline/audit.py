@@ -99,11 +99,12 @@ class GenerationReport(StepReport):
 
 @dataclass(frozen=True)
 class AuditResult:
-    run_path: Path
+    run_path: Path  # on this machine (the local mirror of an object-store run)
     generation: GenerationReport
     embeddings: StepReport = field(default_factory=StepReport)
     neighbors: dict[str, Any] = field(default_factory=dict)
     detection: dict[str, Any] = field(default_factory=dict)
+    location: str = ""  # the run folder as the user names it: a path or an object-store URI
 
 
 def run_audit(cfg: AuditConfig, address: str | None = None, retry_failed: bool = False,
@@ -122,23 +123,28 @@ def run_audit(cfg: AuditConfig, address: str | None = None, retry_failed: bool =
         device, dtype = resolve_numerics(cfg.model, has_gpus)
         store = open_run(inputs, device.split(":")[0], dtype, force)
         report = generate_samples(store, inputs, device, dtype, retry_failed)
+        store.sync()  # other nodes' shards (object-store runs)
         embedded = embed_samples(store, inputs)
+        store.sync()
         names = [spec.name for spec in inputs.plan.shards()]
         sizes = {spec.name: len(spec.prompt_ids) * cfg.generation.samples_per_prompt for spec in inputs.plan.shards()}
-        if cfg.reference.path:
+        if cfg.reference.path and str(cfg.reference.path).startswith("builtin:"):
             from audit.reference.builtin import resolve_reference
 
             resolved = str(resolve_reference(cfg.reference.path))
             cfg = cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"path": resolved})})
         joined = join_neighbors(store, cfg, names) if cfg.reference.path else {}
+        store.sync()
         detected = detect(store, cfg, names, sizes)
-        return AuditResult(store.path, report, embedded, joined, detected)
+        store.sync()
+        return AuditResult(store.path, report, embedded, joined, detected, store.location)
     finally:
         if started:
             ray.shutdown()
 
 
 def _check_reference(cfg: AuditConfig, model_id: str) -> None:
+    from audit.reference.builtin import resolve_reference
     from audit.reference.index import INDEX_DIR, load_manifest
 
     if str(cfg.reference.path).startswith("builtin:"):
@@ -146,7 +152,7 @@ def _check_reference(cfg: AuditConfig, model_id: str) -> None:
             raise InputError(f"reference.path {cfg.reference.path} is embedded with builtin:testbed-copy, but the "
                              f"embedding section gives {model_id}; use embedding.kind: builtin")
         return  # built on first use
-    root = Path(str(cfg.reference.path))
+    root = resolve_reference(str(cfg.reference.path))  # an object-store reference: mirrored here
     manifest = load_manifest(root / INDEX_DIR)
     index_model = manifest["embedding"]["model_id"]
     if index_model is not None and index_model != model_id:
@@ -204,7 +210,7 @@ def generate_samples(
     n_workers = _n_workers(cfg, device, len(todo))
     resources = _worker_resources(cfg, device, n_workers)
     log.info("samples: %d shards to do, %d complete; %d workers with %s", len(todo), skipped, n_workers, resources)
-    pool = ActorPool(GenerationWorker, (cfg.to_dict(), str(store.path), device, dtype), resources, "generation")
+    pool = ActorPool(GenerationWorker, (cfg.to_dict(), store.location, device, dtype), resources, "generation")
     per_prompt = cfg.generation.samples_per_prompt
     tasks = [ShardTask(spec.name, (spec, retry), len(spec.prompt_ids) * per_prompt) for spec, retry in todo]
     done = run_tasks(pool, n_workers, tasks, cfg.compute.max_attempts, "img", "generate")
@@ -243,7 +249,7 @@ def embed_samples(store: RunStore, inputs: PreparedInputs) -> StepReport:
     if not todo:
         return report
     device, resources, n_workers = embedding_placement(cfg.embedding.device, cfg.compute.cpus_per_worker)
-    pool = ActorPool(SampleEmbedWorker, (cfg.to_dict(), str(store.path), device), resources, "embedding")
+    pool = ActorPool(SampleEmbedWorker, (cfg.to_dict(), store.location, device), resources, "embedding")
     per_prompt = cfg.generation.samples_per_prompt
     sizes = {spec.name: len(spec.prompt_ids) * per_prompt for spec in inputs.plan.shards()}
     tasks = [ShardTask(name, (name,), sizes[name]) for name in todo]

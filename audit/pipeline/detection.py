@@ -30,6 +30,7 @@ from audit.embed.storage import decode_embeddings
 from audit.pipeline.pool import ActorPool, ShardTask, StageActor, reason, run_tasks
 from audit.pipeline.ray_setup import cpu_actor_resources
 from audit.progress import Progress
+from audit.reference.builtin import resolve_reference
 from audit.reference.index import INDEX_DIR, load_manifest
 from audit.store import RunStore
 
@@ -48,7 +49,7 @@ class IndexShardActor:
         from audit.reference.search import ReferenceIndex
 
         faiss.omp_set_num_threads(max(1, threads))
-        self.index = ReferenceIndex(Path(root), Path(index_dir) if index_dir else None, nprobe=nprobe,
+        self.index = ReferenceIndex(resolve_reference(root), Path(index_dir) if index_dir else None, nprobe=nprobe,
                                     rerank=rerank, only=shards)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +69,7 @@ class DetectWorker(StageActor):
         from audit.detect.shard import Detector
 
         super().__init__(cfg)
-        ref = Path(self.cfg.reference.path) if self.cfg.reference.path else None
+        ref = resolve_reference(str(self.cfg.reference.path)) if self.cfg.reference.path else None
         manifest = load_manifest(ref / INDEX_DIR) if ref else None
         device = "cuda" if ray.get_gpu_ids() else "cpu"  # a GPU share: pairwise tiled L2 runs there
         self.detector = Detector(self.cfg, RunStore(run_path), ref, manifest, device=device)
@@ -83,7 +84,8 @@ def manifest_hash(root: Path) -> str:
 
 def join_neighbors(store: RunStore, cfg: AuditConfig, names: list[str]) -> dict[str, Any]:
     """Write ``neighbors/`` for every embedded shard whose neighbours are missing or stale."""
-    root = Path(str(cfg.reference.path))
+    location = str(cfg.reference.path)  # a path or a URI: every actor mirrors a URI on its own node
+    root = resolve_reference(location)
     manifest = load_manifest(root / INDEX_DIR)
     ref_hash = {"index": manifest_hash(root), "k": str(cfg.detection.k)}
     todo: dict[str, int] = {}
@@ -98,7 +100,7 @@ def join_neighbors(store: RunStore, cfg: AuditConfig, names: list[str]) -> dict[
     if not todo:
         return report
     shards = [s["shard"] for s in manifest["shards"]]
-    args = shard_actor_args(root, None, shards, _join_workers(cfg, len(shards)), cfg.reference.nprobe,
+    args = shard_actor_args(location, None, shards, _join_workers(cfg, len(shards)), cfg.reference.nprobe,
                             cfg.reference.rerank)
     from audit.reference.images import ReferenceImages
 
@@ -127,7 +129,7 @@ class _Joiner:
         """Neighbours of every sample of the shards in ``group`` (one fan-out); returns the queries."""
         sample_ids, prompt_ids, queries, owners = [], [], [], []
         for name in group:
-            table = pq.read_table(self.store.shard_path("embeddings", name))
+            table = pq.read_table(self.store.readable("embeddings", name))
             dim = int(table.schema.field("embedding").metadata[b"dim"])
             sample_ids += table.column("sample_id").to_pylist()
             prompt_ids += table.column("prompt_id").to_pylist()
@@ -158,7 +160,7 @@ def _join_workers(cfg: AuditConfig, n_shards: int) -> int:
     return max(1, min(n_shards, int(ray.cluster_resources().get("CPU", 1))))
 
 
-def shard_actor_args(root: Path, index_dir: Path | None, shards: list[int], n_actors: int, nprobe: int,
+def shard_actor_args(root: str | Path, index_dir: Path | None, shards: list[int], n_actors: int, nprobe: int,
                      rerank: int) -> list[tuple[Any, ...]]:
     """Index shards dealt round-robin to ``n_actors`` actors, the cluster's CPUs split among them."""
     threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // n_actors)
@@ -216,7 +218,7 @@ def detect(store: RunStore, cfg: AuditConfig, names: list[str], sizes: dict[str,
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus:
         resources["num_gpus"] = min(1.0, gpus / n_workers)
-    pool = ActorPool(DetectWorker, (cfg.to_dict(), str(store.path)), resources, "detection")
+    pool = ActorPool(DetectWorker, (cfg.to_dict(), store.location), resources, "detection")
     done = run_tasks(pool, n_workers, todo, cfg.compute.max_attempts, "img", "detect")
     report["shards_written"] = len(done.markers)
     report["failed"] = done.failed

@@ -17,7 +17,8 @@ from audit.errors import InputError
 from audit.pipeline.pool import ActorPool, ShardTask, StageActor, run_tasks
 from audit.pipeline.ray_setup import connect, embedding_placement
 from audit.reference.folder import read_embedding_json, shard_complete, write_embedding_json
-from audit.reference.sources import SourceShard, find_shards
+from audit.reference.sources import SourceShard, fetch, find_shards
+from audit.remote import RemoteFolder, is_uri, mirror_path, pull_tree
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +27,12 @@ log = logging.getLogger(__name__)
 class ReferenceEmbedWorker(StageActor):
     """A Ray actor holding one embedding model; it embeds whole img2dataset shards."""
 
-    def __init__(self, cfg: dict[str, Any], root: str, device: str) -> None:
+    def __init__(self, cfg: dict[str, Any], out: str, device: str) -> None:
         from audit.embed.stage import EmbedStage
 
         super().__init__(cfg)
-        self.root = Path(root)
+        self.remote = RemoteFolder(out) if is_uri(out) else None  # then publish each shard from the mirror
+        self.root = mirror_path(self.remote.uri) if self.remote else Path(out)
         self.stage = EmbedStage(self.cfg.embedding, device)
 
     def describe(self) -> dict[str, Any]:
@@ -38,8 +40,14 @@ class ReferenceEmbedWorker(StageActor):
 
     def run(self, shard: SourceShard, index: int) -> dict[str, Any]:
         from audit.reference.embed_shard import embed_source_shard
+        from audit.reference.folder import emb_path, marker_path, meta_path, rejected_path
 
-        return embed_source_shard(self.stage, self.root, shard, index, pid=os.getpid())
+        marker = embed_source_shard(self.stage, self.root, fetch(shard), index, pid=os.getpid())
+        if self.remote is not None:  # the files, then the marker: a published marker means a complete shard
+            for path in (emb_path(self.root, index), meta_path(self.root, index), rejected_path(self.root, index),
+                         marker_path(self.root, index)):
+                self.remote.upload(path, path.relative_to(self.root).as_posix())
+        return marker
 
 
 @dataclass
@@ -58,11 +66,18 @@ class ReferenceEmbedReport:
         return (self.embedded + sum(self.rejected.values())) / self.window_s if self.window_s else 0.0
 
 
-def embed_reference(cfg: AuditConfig, source: Path, out: Path, address: str | None = None) -> ReferenceEmbedReport:
-    """Embed an img2dataset output folder into the LAION layout under ``out``."""
+def embed_reference(cfg: AuditConfig, source: str | Path, out: str | Path,
+                    address: str | None = None) -> ReferenceEmbedReport:
+    """Embed an img2dataset output folder into the LAION layout under ``out``; either may be an
+    object-store URI (workers then fetch the shards they embed and publish what they write)."""
     from audit.embed.models import describe
 
     started_at = time.time()
+    location = str(out)
+    if is_uri(location):
+        out = mirror_path(location.rstrip("/"))
+        pull_tree(RemoteFolder(location), out)  # what is published already is complete: skipped
+    out = Path(out)
     shards = find_shards(source, cfg.reference.input_format)
     model_id = describe(cfg.embedding)
     recorded = read_embedding_json(out)
@@ -77,7 +92,7 @@ def embed_reference(cfg: AuditConfig, source: Path, out: Path, address: str | No
     started = connect(address or cfg.compute.address)
     try:
         device, resources, n_workers = embedding_placement(cfg.embedding.device, cfg.compute.cpus_per_worker)
-        pool = ActorPool(ReferenceEmbedWorker, (cfg.to_dict(), str(out), device), resources, "reference embedding")
+        pool = ActorPool(ReferenceEmbedWorker, (cfg.to_dict(), location, device), resources, "reference embedding")
         tasks = [ShardTask(f"shard {s.name}", (s, i), 1) for s, i in todo]
         done = run_tasks(pool, min(n_workers, len(tasks)), tasks, cfg.compute.max_attempts, "shard", "embed reference")
     finally:
@@ -89,6 +104,8 @@ def embed_reference(cfg: AuditConfig, source: Path, out: Path, address: str | No
         report.rejected.update(marker.get("rejected_by_reason", {}))
     if done.markers:
         write_embedding_json(out, model_id, int(done.markers[0]["dim"]))
+        if is_uri(location):
+            RemoteFolder(location).upload(out / "embedding.json", "embedding.json")
     report.shards_failed = done.failed
     report.window_s = done.window_s
     report.seconds = time.time() - started_at

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from audit.config import load_config
 from audit.errors import InputError
+from audit.remote import is_uri
 
 BUILTIN_REFERENCES = ("testbed",)
 
@@ -32,8 +33,13 @@ def _build_testbed(folder: Path) -> None:
 
 
 def resolve_reference(path: str) -> Path:
-    """The reference folder on this machine, building a built-in one on first use. The marker
-    source paths inside a built folder are absolute, so it is built at its final place."""
+    """The reference folder on this machine, building a built-in one on first use (the marker
+    source paths inside a built folder are absolute, so it is built at its final place) or
+    mirroring an object-store URI into the local cache (only files not there yet are fetched)."""
+    if is_uri(path):
+        from audit.remote import materialize
+
+        return materialize(path, "reference.path")
     if not path.startswith("builtin:"):
         folder = Path(path)
         if not folder.is_dir():

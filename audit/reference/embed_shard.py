@@ -80,7 +80,7 @@ def embed_source_shard(stage: EmbedStage, root: Path, shard: SourceShard, index:
     _write_parquet(rejected_path(root, index), rejected, REJECTED)
     marker = {
         "index": index,
-        "source": str(shard.path),
+        "source": shard.source,
         "source_format": shard.format,
         "embedded": int(matrix.shape[0]),
         "rejected": len(rejected["key"]),

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from audit.reference.sources import SourceShard, read_chunks
+from audit.reference.sources import SourceShard, read_chunks, source_shard
 from audit.reference.vectors import VectorStore
 
 
@@ -49,11 +49,7 @@ class ReferenceImages:
         if not marker.is_file():
             return None
         info = json.loads(marker.read_text())
-        path = Path(info["source"])
-        if not path.exists():
-            return None
-        meta = path.with_suffix(".parquet") if info["source_format"] == "webdataset" else None
-        return SourceShard(path.stem, info["source_format"], path, meta if meta and meta.exists() else None)
+        return source_shard(info["source"], info["source_format"])
 
     def _images(self, source: SourceShard) -> dict[str, bytes]:
         cache_key = str(source.path)

@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from audit.errors import InputError
+from audit.remote import RemoteFolder, is_uri, mirror_path
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _SHARD = re.compile(r"^(\d+)\.(tar|parquet)$")
@@ -32,26 +33,69 @@ COLUMNS = ("key", "url", "caption", "image", "download_error")
 class SourceShard:
     name: str  # e.g. "00003"
     format: str  # "webdataset" or "parquet"
-    path: Path  # the .tar or the .parquet holding images
+    path: Path  # the .tar or the .parquet holding images (on this machine, once fetched)
     meta: Path | None  # webdataset: the img2dataset metadata parquet beside the tar
+    origin: str | None = None  # the object-store folder the files come from (None: a local folder)
+
+    @property
+    def source(self) -> str:
+        """Where the shard's images are, as recorded in markers: a path, or a URI."""
+        return f"{self.origin}/{self.path.name}" if self.origin else str(self.path)
 
 
-def find_shards(folder: Path, fmt: str = "auto") -> list[SourceShard]:
-    """The shards of an img2dataset output folder, in shard order."""
-    if not folder.is_dir():
-        raise InputError(f"{folder}: not a folder; give an img2dataset output folder")
-    tars = {m.group(1): p for p in folder.iterdir() if (m := _SHARD.match(p.name)) and m.group(2) == "tar"}
-    parquets = {m.group(1): p for p in folder.iterdir() if (m := _SHARD.match(p.name)) and m.group(2) == "parquet"}
+def find_shards(folder: str | Path, fmt: str = "auto") -> list[SourceShard]:
+    """The shards of an img2dataset output folder (or object-store prefix), in shard order. The
+    files of a prefix's shards are fetched by :func:`fetch` where a shard is read."""
+    if is_uri(folder):
+        origin = str(folder).rstrip("/")
+        local = mirror_path(origin)
+        names = [local / rel for rel in RemoteFolder(origin).listing() if "/" not in rel]
+    else:
+        origin, local = None, Path(folder)
+        if not local.is_dir():
+            raise InputError(f"{folder}: not a folder; give an img2dataset output folder")
+        names = list(local.iterdir())
+    tars = {m.group(1): p for p in names if (m := _SHARD.match(p.name)) and m.group(2) == "tar"}
+    parquets = {m.group(1): p for p in names if (m := _SHARD.match(p.name)) and m.group(2) == "parquet"}
     if fmt == "auto":
         fmt = "webdataset" if tars else "parquet"
     if fmt == "webdataset":
-        shards = [SourceShard(n, fmt, p, parquets.get(n)) for n, p in tars.items()]
+        shards = [SourceShard(n, fmt, p, parquets.get(n), origin) for n, p in tars.items()]
     else:
-        shards = [SourceShard(n, fmt, p, None) for n, p in parquets.items()]
+        shards = [SourceShard(n, fmt, p, None, origin) for n, p in parquets.items()]
     if not shards:
         raise InputError(f"{folder}: no img2dataset {fmt} shards (00000.{'tar' if fmt == 'webdataset' else 'parquet'}) "
                          "found; run img2dataset with --output_format webdataset or parquet into this folder")
     return sorted(shards, key=lambda s: int(s.name))
+
+
+def fetch(shard: SourceShard) -> SourceShard:
+    """Make a shard of an object-store source readable here (its files fetched once per machine)."""
+    if shard.origin is not None:
+        remote = RemoteFolder(shard.origin)
+        for path in (shard.path, shard.meta):
+            if path is not None and not path.is_file():
+                remote.download(path.name, path)
+    return shard
+
+
+def source_shard(source: str, fmt: str) -> SourceShard | None:
+    """The shard a marker's ``source`` names (a path or a URI), readable here; None if it is gone."""
+    if is_uri(source):
+        origin, name = source.rsplit("/", 1)
+        path = mirror_path(origin) / name
+        meta = path.with_suffix(".parquet") if fmt == "webdataset" else None
+        if meta is not None and f"{meta.name}" not in RemoteFolder(origin).listing():
+            meta = None
+        try:
+            return fetch(SourceShard(path.stem, fmt, path, meta, origin))
+        except FileNotFoundError:
+            return None
+    path = Path(source)
+    if not path.exists():
+        return None
+    meta = path.with_suffix(".parquet") if fmt == "webdataset" else None
+    return SourceShard(path.stem, fmt, path, meta if meta and meta.exists() else None)
 
 
 def _empty() -> Rows:

@@ -17,6 +17,7 @@ from audit.report import plots
 from audit.report.similarity import generated_to_train, train_to_train
 from audit.report.stats import LABELS, best_labels, summarise
 from audit.report.tables import complete_table, open_run, prompt_texts, require
+from audit.remote import is_uri, join, push_tree
 from audit.store import write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,9 @@ PROMPT_COLUMNS = (
 )
 
 
-def write_report(run_path: Path, gallery_size: int = 24, baseline_size: int = 2000) -> Path:
-    """Write the report of a run (re-written from the current tables on every call)."""
+def write_report(run_path: str | Path, gallery_size: int = 24, baseline_size: int = 2000) -> str | Path:
+    """Write the report of a run (re-written from the current tables on every call); an
+    object-store run's report is published to its ``report/`` prefix. Returns index.html's place."""
     store, info = open_run(run_path)
     scores = require(store, "prompt_scores")
     samples = require(store, "samples", ["sample_id", "prompt_id", "status"])
@@ -51,7 +53,7 @@ def write_report(run_path: Path, gallery_size: int = 24, baseline_size: int = 20
     rows = _prompt_rows(scores, prompt_text)
     summary.update({
         "run": {k: info.get(k) for k in ("run_id", "model_name", "checkpoint_id", "created_at")},
-        "run_path": str(store.path.resolve()),
+        "run_path": store.location if store.remote else str(store.path.resolve()),
         "reference": str(reference) if reference else None,
         "thresholds": {k: info["config"]["detection"][k] for k in
                        ("flag_score", "match_l2", "template_similarity", "clique_delta", "clique_min")},
@@ -65,6 +67,9 @@ def write_report(run_path: Path, gallery_size: int = 24, baseline_size: int = 20
     document = H.page(f"memaudit report — {info.get('model_name')} {info.get('checkpoint_id')}",
                       _body(info, summary, pairs, figures, rows))
     write_bytes_atomic(out / "index.html", document.encode())
+    if store.remote is not None:
+        push_tree(store.path, store.remote, REPORT_DIR)
+        return join(store.location, REPORT_DIR, "index.html")
     return out / "index.html"
 
 
@@ -72,7 +77,7 @@ def _reference(info: dict[str, Any]) -> Path | None:
     path = info["config"]["reference"].get("path")
     if not path:
         return None
-    if str(path).startswith("builtin:"):
+    if str(path).startswith("builtin:") or is_uri(path):
         from audit.reference.builtin import resolve_reference
 
         return resolve_reference(str(path))

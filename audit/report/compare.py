@@ -12,17 +12,18 @@ from typing import Any
 from audit.report import html as H
 from audit.report.stats import LABELS, summarise
 from audit.report.tables import complete_table, open_run, prompt_texts, require
+from audit.remote import RemoteFolder, is_uri, join, mirror_path, push_tree
 from audit.store import write_bytes_atomic
 
 SETTINGS = ("generation", "detection", "embedding")
 
 
-def _load(path: Path) -> dict[str, Any]:
+def _load(path: str | Path) -> dict[str, Any]:
     store, info = open_run(path)
     scores = require(store, "prompt_scores")
     samples = require(store, "samples", ["sample_id", "prompt_id", "status"])
     return {
-        "info": info, "path": str(store.path.resolve()),
+        "info": info, "path": store.location if store.remote else str(store.path.resolve()),
         "summary": summarise(scores, samples, complete_table(store, "matches")),
         "flags": dict(zip(scores.column("prompt_id").to_pylist(), (bool(f) for f in scores.column("flagged").to_pylist()))),
         "score": dict(zip(scores.column("prompt_id").to_pylist(), scores.column("score").to_pylist())),
@@ -30,7 +31,7 @@ def _load(path: Path) -> dict[str, Any]:
     }
 
 
-def compare_runs(path_a: Path, path_b: Path) -> dict[str, Any]:
+def compare_runs(path_a: str | Path, path_b: str | Path) -> dict[str, Any]:
     a, b = _load(path_a), _load(path_b)
     common = sorted(set(a["flags"]) & set(b["flags"]))
 
@@ -68,15 +69,19 @@ def gate(result: dict[str, Any], fail_if_new: bool, max_rate_increase: float | N
     return reasons
 
 
-def write_compare(result: dict[str, Any], out: Path) -> Path:
-    write_bytes_atomic(out / "compare.json", json.dumps(result, indent=2).encode())
-    write_bytes_atomic(out / "index.html", H.page("memaudit compare", _body(result)).encode())
-    return out / "index.html"
+def write_compare(result: dict[str, Any], out: str | Path) -> str | Path:
+    """Write compare.json and index.html to ``out`` (a folder or an object-store URI)."""
+    local = mirror_path(str(out)) if is_uri(out) else Path(out)
+    write_bytes_atomic(local / "compare.json", json.dumps(result, indent=2).encode())
+    write_bytes_atomic(local / "index.html", H.page("memaudit compare", _body(result)).encode())
+    if is_uri(out):
+        push_tree(local, RemoteFolder(str(out)))
+    return join(out, "index.html")
 
 
-def default_out(path_b: Path, result: dict[str, Any]) -> Path:
+def default_out(path_b: str | Path, result: dict[str, Any]) -> str | Path:
     a = result["a"]
-    return path_b / "compare" / f"vs-{a['model_name']}-{a['checkpoint_id']}-{a['run_id']}"
+    return join(path_b, "compare", f"vs-{a['model_name']}-{a['checkpoint_id']}-{a['run_id']}")
 
 
 def _meta(run: dict[str, Any]) -> dict[str, Any]:

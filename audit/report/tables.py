@@ -13,9 +13,11 @@ from audit.errors import InputError
 from audit.store import RunStore
 
 
-def open_run(path: Path) -> tuple[RunStore, dict[str, Any]]:
-    """The run's store and run.json; a clear error when ``path`` is not a run folder."""
+def open_run(path: str | Path) -> tuple[RunStore, dict[str, Any]]:
+    """The run's store and run.json (an object-store run mirrored here first); a clear error when
+    ``path`` is not a run folder."""
     store = RunStore(path)
+    store.sync()
     info = store.read_json()
     if info is None:
         raise InputError(f"{path}: not a run folder (no run.json); pass the folder `memaudit run` printed "

@@ -1,0 +1,285 @@
+"""Run and reference roots on object storage (``s3://``, ``gs://``, any fsspec URI).
+
+Every stage reads and writes files on local disk; a URI root is worked on through a **local
+mirror** (``<cache>/mirror/<scheme>/<bucket>/<key>``, the same path on every node) and the object
+store is the truth. Writers publish a finished file with one PUT (an object appears whole or not
+at all), so a shard goes up first and its completion marker after it; readers pull what the
+object store holds. Cluster nodes therefore share nothing but the bucket, and a job retried on a
+fresh pod resumes from the bucket. Credentials and endpoints come from the storage library's own
+environment (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``, …).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from audit.errors import InputError, StorageError
+
+log = logging.getLogger(__name__)
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+LAST_NAMES = ("manifest.json", "trained.json")  # published after everything else under a tree
+PULLED = ".memaudit-pulled.json"  # in a mirror: the object versions it was last pulled at
+
+
+def is_uri(location: str | Path) -> bool:
+    """True for ``scheme://…`` other than ``file://`` (a plain path is not a URI)."""
+    match = _SCHEME.match(str(location))
+    return bool(match) and match.group(1).lower() != "file"
+
+
+def local_path(location: str | Path) -> Path:
+    """A plain path or ``file://`` URI as a Path."""
+    return Path(re.sub(r"^file://", "", str(location)))
+
+
+def join(location: str | Path, *parts: str) -> str | Path:
+    """``location / part / …`` for a path or a URI (a Path stays a Path)."""
+    if not is_uri(location):
+        return local_path(location).joinpath(*parts)
+    return "/".join([str(location).rstrip("/"), *parts])
+
+
+def mirror_path(uri: str) -> Path:
+    """The local working copy of ``uri`` on this machine (same path on every node)."""
+    from audit.testbed.builtin import cache_root
+
+    scheme, rest = uri.split("://", 1)
+    parts = [p for p in rest.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise InputError(f"{uri}: '.' and '..' are not allowed in an object-store URI")
+    return cache_root() / "mirror" / scheme.lower() / Path(*parts)
+
+
+@contextmanager
+def _talking_to(uri: str, action: str) -> Iterator[None]:
+    """Errors of the storage library become one clear StorageError naming the URI."""
+    try:
+        yield
+    except (StorageError, InputError, FileNotFoundError, FileExistsError):
+        raise
+    except ImportError as exc:
+        package = _PACKAGES.get(uri.split("://", 1)[0].lower(), "the fsspec implementation for this scheme")
+        raise InputError(f"{uri}: this URI needs {package} (pip install {package}): {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - botocore/aiohttp/google errors share no base class
+        raise StorageError(
+            f"{uri}: {action} failed ({type(exc).__name__}: {exc}); check the URI, the credentials and the endpoint "
+            "(for S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL), then run again: finished work "
+            "in the bucket is kept") from exc
+
+
+class RemoteFolder:
+    """One folder (key prefix) of an object store, addressed by paths relative to it."""
+
+    def __init__(self, uri: str) -> None:
+        import fsspec
+
+        self.uri = uri.rstrip("/")
+        with _talking_to(self.uri, "opening the file system"):
+            # no instance cache: endpoint and credentials are read from the environment now
+            self.fs, root = fsspec.core.url_to_fs(self.uri, skip_instance_cache=True)
+        self.root = root.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"RemoteFolder({self.uri!r})"
+
+    def _key(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def inventory(self, rel: str = "") -> dict[str, tuple[int, str]]:
+        """Every object under the folder (or under ``rel`` in it): relative path -> (size,
+        version), the version being the ETag (or modification time) the store reports."""
+        with _talking_to(self.uri, "listing"):
+            self.fs.invalidate_cache()
+            try:
+                found = self.fs.find(self._key(rel), detail=True)
+            except FileNotFoundError:
+                return {}
+        prefix = self.root + "/"
+        return {name[len(prefix):]: (int(info.get("size") or 0),
+                                     str(info.get("ETag") or info.get("etag") or info.get("mtime") or ""))
+                for name, info in found.items() if name.startswith(prefix) and info.get("type", "file") == "file"}
+
+    def listing(self, rel: str = "") -> dict[str, int]:
+        """Every object under the folder (or under ``rel`` in it): relative path -> size."""
+        return {name: size for name, (size, _) in self.inventory(rel).items()}
+
+    def read(self, rel: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist."""
+        with _talking_to(self.uri, f"reading {rel}"):
+            try:
+                return self.fs.cat_file(self._key(rel))
+            except FileNotFoundError:
+                return None
+
+    def read_many(self, rels: list[str]) -> dict[str, bytes]:
+        """Several small objects in one concurrent request batch (missing ones left out)."""
+        if not rels:
+            return {}
+        with _talking_to(self.uri, f"reading {len(rels)} objects"):
+            got = self.fs.cat([self._key(r) for r in rels], on_error="omit")
+        prefix = self.root + "/"
+        return {name[len(prefix):]: data for name, data in got.items() if isinstance(data, bytes)}
+
+    def write(self, rel: str, data: bytes) -> None:
+        with _talking_to(self.uri, f"writing {rel}"):
+            self.fs.pipe_file(self._key(rel), data)
+
+    def create(self, rel: str, data: bytes) -> bool:
+        """Write the object only if it does not exist yet (a conditional PUT); False if it did."""
+        with _talking_to(self.uri, f"creating {rel}"):
+            try:
+                with self.fs.open(self._key(rel), "xb") as handle:
+                    handle.write(data)
+            except FileExistsError:
+                return False
+        return True
+
+    def upload(self, local: Path, rel: str) -> None:
+        with _talking_to(self.uri, f"uploading {rel}"):
+            self.fs.put_file(str(local), self._key(rel))
+
+    def download(self, rel: str, local: Path) -> None:
+        """Fetch one object to ``local`` atomically (a temporary name, then a rename)."""
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            with _talking_to(self.uri, f"downloading {rel}"):
+                self.fs.get_file(self._key(rel), str(tmp))
+            os.replace(tmp, local)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def remove(self, rel: str) -> None:
+        with _talking_to(self.uri, f"deleting {rel}"):
+            try:
+                self.fs.rm_file(self._key(rel))
+            except FileNotFoundError:
+                pass
+
+    def check_writable(self, what: str) -> None:
+        """Refuse, before any work, a bucket that does not exist or cannot be written."""
+        probe = f".memaudit-write-probe-{uuid.uuid4().hex[:12]}"
+        try:
+            self.write(probe, b"")
+        except FileNotFoundError as exc:
+            raise StorageError(f"{what} {self.uri}: the bucket does not exist ({exc}); create it or point "
+                               f"{what} elsewhere: nothing was written") from exc
+        except StorageError as exc:
+            raise StorageError(f"{what} {exc}") from exc
+        self.remove(probe)
+
+
+def _publish_order(rel: str) -> tuple[int, str]:
+    """Data first, then completion markers, then manifests: a reader never sees a marker or a
+    manifest before what it describes."""
+    name = rel.rsplit("/", 1)[-1]
+    if name in LAST_NAMES:
+        return 2, rel
+    return (1 if "/_markers/" in f"/{rel}" else 0), rel
+
+
+def is_temporary(rel: str) -> bool:
+    return ".tmp-" in rel.rsplit("/", 1)[-1] or rel == PULLED
+
+
+def _read_pulled(local: Path) -> dict[str, list[Any]]:
+    try:
+        return json.loads((local / PULLED).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_pulled(local: Path, pulled: dict[str, list[Any]]) -> None:
+    from audit.store import write_bytes_atomic
+
+    write_bytes_atomic(local / PULLED, json.dumps(pulled, sort_keys=True).encode())
+
+
+def pull_tree(remote: RemoteFolder, local: Path) -> int:
+    """Download every object whose (size, ETag) differs from what was last pulled here (or whose
+    local file is missing or of another size); returns how many were fetched. The versions
+    pulled are kept in ``local/.memaudit-pulled.json``, so an object rewritten with the same
+    size (a re-built manifest) is fetched again."""
+    pulled = _read_pulled(local)
+    inventory = remote.inventory()
+    fetched = 0
+    for rel, (size, version) in sorted(inventory.items(), key=lambda item: _publish_order(item[0])):
+        target = local / rel
+        if is_temporary(rel):
+            continue
+        if target.is_file() and target.stat().st_size == size and pulled.get(rel) == [size, version]:
+            continue
+        remote.download(rel, target)
+        pulled[rel] = [size, version]
+        fetched += 1
+    if fetched:
+        _write_pulled(local, pulled)
+    return fetched
+
+
+def local_state(local: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file under ``local``: what :func:`push_tree` compares against."""
+    return {p.relative_to(local).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in local.rglob("*") if p.is_file()} if local.is_dir() else {}
+
+
+def push_tree(local: Path, remote: RemoteFolder, under: str = "",
+              since: dict[str, tuple[int, int]] | None = None) -> int:
+    """Upload the files of ``local / under`` (data, then markers, then manifests); with ``since``
+    (a :func:`local_state`), only those new or changed since then. Returns how many."""
+    base = local / under if under else local
+    now = {rel: state for rel, state in local_state(local).items()
+           if not is_temporary(rel) and (not under or rel.startswith(f"{under}/"))} if base.exists() else {}
+    todo = [rel for rel, state in now.items() if since is None or since.get(rel) != state]
+    for rel in sorted(todo, key=_publish_order):
+        remote.upload(local / rel, rel)
+    if todo:  # what was just published needs no fetching back
+        pulled, inventory = _read_pulled(local), remote.inventory(under)
+        _write_pulled(local, pulled | {rel: list(inventory[rel]) for rel in todo if rel in inventory})
+    return len(todo)
+
+
+@contextmanager
+def working_copy(uri: str, publish: bool) -> Iterator[Path]:
+    """The local mirror of ``uri`` (pulled first) to work in; with ``publish``, what was written
+    is pushed back afterwards, also after a failure, so finished shards are kept for the next try."""
+    remote = RemoteFolder(uri)
+    local = mirror_path(remote.uri)
+    pull_tree(remote, local)
+    local.mkdir(parents=True, exist_ok=True)
+    before = local_state(local)
+    try:
+        yield local
+    finally:
+        if publish:
+            log.info("%s: published %d files from %s", remote.uri, push_tree(local, remote, since=before), local)
+
+
+def materialize(location: str | Path, what: str) -> Path:
+    """A local copy of ``location``: the path itself, or the pulled mirror of a URI (a folder,
+    or a single object: fetched again each time, it is small and may have changed)."""
+    if not is_uri(location):
+        return local_path(location)
+    uri = str(location).rstrip("/")
+    remote = RemoteFolder(uri)
+    local = mirror_path(uri)
+    with _talking_to(uri, "looking up"):
+        single = remote.fs.isfile(remote.root)
+    if single:
+        parent, name = uri.rsplit("/", 1)
+        RemoteFolder(parent).download(name, local)
+        return local
+    fetched = pull_tree(remote, local)
+    if not local.is_dir():
+        raise InputError(f"{what}: {uri} holds no files; check the URI (and the endpoint the credentials point at)")
+    log.info("%s: %s mirrored at %s (%d files fetched)", what, uri, local, fetched)
+    return local

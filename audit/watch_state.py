@@ -1,0 +1,148 @@
+"""Where ``memaudit watch`` keeps its state, and how it finds checkpoints: on a file system or in
+an object store.
+
+State of a model lives under ``<run.root>/.watch/<model>/``: ``<checkpoint>.json`` once its audit
+finished, ``<checkpoint>.compared.json`` once it was compared with its predecessor, and
+``<checkpoint>.lock`` while an invocation audits it. On a file system the lock is an ``flock``
+(released by the kernel when its holder dies); in a bucket it is an object created with a
+conditional PUT (``If-None-Match: *``), so exactly one invocation gets it; its holder deletes it,
+and one left behind by a holder that died counts as free after ``LOCK_TTL_S``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from audit.errors import InputError
+from audit.remote import RemoteFolder, is_uri, join
+from audit.store import write_bytes_atomic
+
+STATE_DIR = ".watch"
+LOCK_TTL_S = 12 * 3600  # an object-store lock older than this is taken to be left by a dead holder
+
+
+def natural_key(text: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+class WatchState(Protocol):
+    def read(self, name: str) -> dict[str, Any] | None: ...
+    def write(self, name: str, obj: dict[str, Any]) -> None: ...
+    def lock(self, name: str) -> Any: ...  # a context manager yielding True when this invocation holds it
+
+
+def state_for(run_root: str | Path, model: str) -> WatchState:
+    location = join(run_root, STATE_DIR, model)
+    return BucketState(str(location)) if is_uri(location) else FolderState(Path(location))
+
+
+class FolderState:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def read(self, name: str) -> dict[str, Any] | None:
+        path = self.folder / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def write(self, name: str, obj: dict[str, Any]) -> None:
+        write_bytes_atomic(self.folder / name, json.dumps(obj, indent=2).encode())
+
+    def lock(self, name: str) -> Any:
+        return try_lock(self.folder / name)
+
+
+@contextmanager
+def try_lock(path: Path) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path`` if nobody else does (yields False otherwise)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+class BucketState:
+    def __init__(self, uri: str) -> None:
+        self.remote = RemoteFolder(uri)
+
+    def read(self, name: str) -> dict[str, Any] | None:
+        data = self.remote.read(name)
+        return json.loads(data) if data is not None else None
+
+    def write(self, name: str, obj: dict[str, Any]) -> None:
+        self.remote.write(name, json.dumps(obj, indent=2).encode())
+
+    @contextmanager
+    def lock(self, name: str) -> Iterator[bool]:
+        now = time.time()
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "taken_at": now}
+        mine = self.remote.create(name, json.dumps(holder).encode())
+        if not mine:
+            held = self.read(name) or {}
+            if now - float(held.get("taken_at", now)) > LOCK_TTL_S:  # its holder died long ago
+                self.remote.remove(name)
+                mine = self.remote.create(name, json.dumps(holder).encode())
+        if not mine:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self.remote.remove(name)
+
+
+def find_checkpoints(folder: str | Path) -> list[str | Path]:
+    """Diffusers folders (holding ``model_index.json``) under ``folder`` (itself included), in
+    natural path order: a folder's paths, or a prefix's URIs."""
+    if is_uri(folder):
+        names = RemoteFolder(str(folder)).inventory()
+        rels = {rel.rsplit("/", 1)[0] if "/" in rel else "" for rel in names if rel.split("/")[-1] == "model_index.json"}
+        rels = {r for r in rels if STATE_DIR not in r.split("/")}
+        return [join(folder, *r.split("/")) if r else str(folder).rstrip("/") for r in sorted(rels, key=natural_key)]
+    path = Path(folder)
+    if not path.is_dir():
+        raise InputError(f"watch: {path} is not a folder; pass the folder your training job writes checkpoints to")
+    found = {p.parent for p in path.rglob("model_index.json") if STATE_DIR not in p.parts}
+    return sorted(found, key=lambda p: natural_key(str(p.relative_to(path))))
+
+
+def signature(checkpoint: str | Path) -> str:
+    """Names, sizes and mtimes (ETags in a bucket) of a checkpoint's files: changes when it is overwritten."""
+    digest = hashlib.sha256()
+    if is_uri(checkpoint):
+        for rel, (size, version) in sorted(RemoteFolder(str(checkpoint)).inventory().items()):
+            digest.update(f"{rel}\0{size}\0{version}\n".encode())
+        return digest.hexdigest()[:16]
+    folder = Path(checkpoint)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def run_exists(run: str) -> bool:
+    """The run folder (path or URI) recorded in a done marker still holds its run.json."""
+    if is_uri(run):
+        return RemoteFolder(run).read("run.json") is not None
+    return (Path(run) / "run.json").is_file()
