@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 RUN_JSON = "run.json"
 MARKERS = "_markers"
+MARKER_VERSIONS = ".memaudit-markers.json"  # in an object-store run's mirror: marker versions adopted
 TMP_TAG = ".tmp-"
 ROW_GROUP_BYTES = 128 * 2**20
 
@@ -118,6 +119,13 @@ def write_parquet_atomic(final: Path, table: pa.Table) -> int:
     return final.stat().st_size
 
 
+def _read_json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -139,6 +147,11 @@ class RunStore:
         self.remote = RemoteFolder(str(location)) if is_uri(location) else None
         self.path = mirror_path(self.remote.uri) if self.remote else Path(location)
         self.location: str = self.remote.uri if self.remote else str(self.path)
+
+    @property
+    def full_location(self) -> str:
+        """The run as reports name it: its URI, or its absolute path."""
+        return self.location if self.remote is not None else str(self.path.resolve())
 
     def _rel(self, path: Path) -> str:
         return path.relative_to(self.path).as_posix()
@@ -239,14 +252,25 @@ class RunStore:
         lacks are dropped, other files missing locally are fetched. Returns files fetched."""
         if self.remote is None:
             return 0
-        objects = self.remote.listing()
-        markers = self.remote.read_many(sorted(r for r in objects if f"/{MARKERS}/" in r and r.endswith(".json")))
+        inventory = self.remote.inventory()
+        objects = {rel: size for rel, (size, _) in inventory.items()}
+        versions = {rel: version for rel, (_, version) in inventory.items()
+                    if f"/{MARKERS}/" in rel and rel.endswith(".json")}
+        # markers whose object version was adopted before are read from the mirror, not the bucket
+        known = _read_json_file(self.path / MARKER_VERSIONS) or {}
+        same = {rel for rel, version in versions.items()
+                if version and known.get(rel) == version and (self.path / rel).is_file()}
+        markers = {rel: (self.path / rel).read_bytes() for rel in same}
+        markers |= self.remote.read_many(sorted(set(versions) - same))
         fetched = 0
         for rel, data in markers.items():
             fetched += self._adopt(rel, data, objects)
         for local_marker in self.path.glob(f"*/{MARKERS}/*.json"):
             if self._rel(local_marker) not in markers:
                 local_marker.unlink(missing_ok=True)
+        adopted = {rel: versions[rel] for rel in markers if (self.path / rel).is_file()}
+        if adopted != known:
+            write_bytes_atomic(self.path / MARKER_VERSIONS, json.dumps(adopted, sort_keys=True).encode())
         shard_files = {self._shard_rel(rel) for rel in markers}
         for rel, size in objects.items():
             target = self.path / rel

@@ -6,7 +6,8 @@ finished, ``<checkpoint>.compared.json`` once it was compared with its predecess
 ``<checkpoint>.lock`` while an invocation audits it. On a file system the lock is an ``flock``
 (released by the kernel when its holder dies); in a bucket it is an object created with a
 conditional PUT (``If-None-Match: *``), so exactly one invocation gets it; its holder deletes it,
-and one left behind by a holder that died counts as free after ``LOCK_TTL_S``.
+and one left behind by a holder that died counts as free after ``LOCK_TTL_S`` (a live holder
+renews it).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +30,7 @@ from audit.errors import InputError
 from audit.remote import RemoteFolder, is_uri, join
 from audit.store import write_bytes_atomic
 
+log = logging.getLogger(__name__)
 STATE_DIR = ".watch"
 LOCK_TTL_S = 12 * 3600  # an object-store lock older than this is taken to be left by a dead holder
 
@@ -95,21 +99,39 @@ class BucketState:
 
     @contextmanager
     def lock(self, name: str) -> Iterator[bool]:
-        now = time.time()
-        holder = {"host": socket.gethostname(), "pid": os.getpid(), "taken_at": now}
-        mine = self.remote.create(name, json.dumps(holder).encode())
+        """Hold ``name`` if nobody else does; while held it is renewed every quarter of
+        ``LOCK_TTL_S``, so only a lock whose holder died ever expires."""
+        ttl = LOCK_TTL_S
+        mine = self.remote.create(name, self._holder())
         if not mine:
             held = self.read(name) or {}
-            if now - float(held.get("taken_at", now)) > LOCK_TTL_S:  # its holder died long ago
+            if time.time() - float(held.get("taken_at", time.time())) > ttl:  # its holder died
                 self.remote.remove(name)
-                mine = self.remote.create(name, json.dumps(holder).encode())
+                mine = self.remote.create(name, self._holder())
         if not mine:
             yield False
             return
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(ttl / 4):
+                try:
+                    self.remote.write(name, self._holder())
+                except Exception as exc:  # noqa: BLE001 - a missed renewal is retried next time
+                    log.warning("watch: renewing the lock %s failed: %s", name, exc)
+
+        renewer = threading.Thread(target=renew, name=f"renew {name}", daemon=True)
+        renewer.start()
         try:
             yield True
         finally:
+            stop.set()
+            renewer.join()
             self.remote.remove(name)
+
+    @staticmethod
+    def _holder() -> bytes:
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "taken_at": time.time()}).encode()
 
 
 def find_checkpoints(folder: str | Path) -> list[str | Path]:

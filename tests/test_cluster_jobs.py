@@ -109,17 +109,22 @@ def wait(cluster: dict, submission_id: str, timeout: float = 480) -> tuple[str, 
     raise TimeoutError(f"job {submission_id}: {cli(cluster, 'logs', submission_id)[-3000:]}")
 
 
+def audit_entrypoint(tmp: Path, name: str, run_root: str, model: str) -> list[str]:
+    """`jobs/run.py` on a 4-prompt audit (2 samples each, 2 steps, a shard per prompt, 2 workers)."""
+    (tmp / f"{name}.txt").write_text("\n".join(PROMPTS[:4]) + "\n")
+    cfg = write_config(tmp / f"{name}.yaml", run={"root": run_root}, model={"path": model},
+                       prompts={"source": str(tmp / f"{name}.txt")},
+                       generation={"samples_per_prompt": 2, "steps": 2, "prompts_per_shard": 1},
+                       compute={"batch_size": 2, "num_workers": 2})
+    return [sys.executable, str(REPO / "jobs" / "run.py"), str(cfg)]
+
+
+@pytest.mark.slow  # ~85 s: two job submissions on two nodes; run with --run-slow
 def test_audit_submitted_through_the_jobs_api_on_two_nodes_then_resubmitted(cluster: dict) -> None:
     nodes = json.loads(subprocess.run([sys.executable, "-c", NODES, cluster["gcs"]], env=cluster["env"], check=True,
                                       capture_output=True, text=True, timeout=120).stdout.strip().splitlines()[-1])
     assert len(nodes) == 2 and {"head_node", "second_node"} <= {r for n in nodes for r in n}
-    tmp = cluster["tmp"]
-    (tmp / "prompts.txt").write_text("\n".join(PROMPTS[:4]) + "\n")
-    cfg = write_config(tmp / "audit.yaml", run={"root": str(tmp / "runs")},
-                       model={"path": "builtin:tiny"}, prompts={"source": str(tmp / "prompts.txt")},
-                       generation={"samples_per_prompt": 2, "steps": 2, "prompts_per_shard": 1},
-                       compute={"batch_size": 2, "num_workers": 2})
-    entrypoint = [sys.executable, str(REPO / "jobs" / "run.py"), str(cfg)]
+    entrypoint = audit_entrypoint(cluster["tmp"], "audit", str(cluster["tmp"] / "runs"), "builtin:tiny")
     status, logs = submit_and_wait(cluster, "audit-first", entrypoint)
     assert status == "SUCCEEDED", logs[-3000:]
     assert "samples: 8 written this time (4 shards)" in logs and "report: " in logs
@@ -146,13 +151,7 @@ def test_object_store_audit_on_two_nodes_sharing_only_the_bucket_then_resubmitte
     client = s3(cluster["s3"])
     client.mkdir("audits")
     client.put(str(builtin_checkpoint("tiny")), "audits/models/tiny", recursive=True)
-    tmp = cluster["tmp"]
-    (tmp / "prompts-s3.txt").write_text("\n".join(PROMPTS[:4]) + "\n")
-    cfg = write_config(tmp / "audit-s3.yaml", run={"root": "s3://audits/runs"},
-                       model={"path": "s3://audits/models/tiny"}, prompts={"source": str(tmp / "prompts-s3.txt")},
-                       generation={"samples_per_prompt": 2, "steps": 2, "prompts_per_shard": 1},
-                       compute={"batch_size": 2, "num_workers": 2})
-    entrypoint = [sys.executable, str(REPO / "jobs" / "run.py"), str(cfg)]
+    entrypoint = audit_entrypoint(cluster["tmp"], "audit-s3", "s3://audits/runs", "s3://audits/models/tiny")
     status, logs = submit_and_wait(cluster, "audit-s3-first", entrypoint)
     assert status == "SUCCEEDED", logs[-3000:]
     assert "samples: 8 written this time (4 shards)" in logs

@@ -70,6 +70,22 @@ def test_a_shard_published_on_one_node_is_complete_on_another(server: dict, node
     assert not reader.is_complete("samples", "shard-00000")
 
 
+def test_a_shard_rewritten_on_another_node_replaces_the_adopted_one(server: dict, node) -> None:
+    uri = f"s3://{BUCKET}/protocol/run=e"
+    node("a")
+    writer = RunStore(uri)
+    _write_shard(writer, "shard-00000", ["v-00000"])
+    node("b")
+    reader = RunStore(uri)
+    assert reader.sync() == 1 and reader.sync() == 0  # the second sync reads the adopted marker locally
+    node("a")
+    writer.invalidate("samples", "shard-00000")
+    _write_shard(writer, "shard-00000", ["v-00000", "v-00001"])  # e.g. --retry-failed elsewhere
+    node("b")
+    assert reader.sync() == 1
+    assert pq.read_table(reader.readable("samples", "shard-00000")).num_rows == 2
+
+
 def test_a_shard_without_its_marker_or_of_another_size_is_not_adopted(server: dict, node) -> None:
     uri = f"s3://{BUCKET}/protocol/run=b"
     node("a")
@@ -255,6 +271,21 @@ def test_a_bucket_lock_is_held_once_and_a_dead_holders_lock_expires(server: dict
         assert taken
 
 
+def test_a_live_holder_renews_its_bucket_lock(server: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from audit import watch_state
+
+    monkeypatch.setattr(watch_state, "LOCK_TTL_S", 1.0)  # renewed every 0.25 s
+    state = watch_state.BucketState(f"s3://{BUCKET}/locks/model=r")
+    with state.lock("step-1.lock") as held:
+        time.sleep(2.5)  # well past the time to live: without renewal the lock would count as abandoned
+        with state.lock("step-1.lock") as other:
+            assert held and not other
+    with state.lock("step-1.lock") as again:
+        assert again
+
+
 def test_watch_over_a_bucket_prefix_audits_each_checkpoint_once(server: dict, ray_local: str, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture) -> None:
     from audit.testbed.architectures import TINY, build_pipeline, save_pipeline
@@ -328,3 +359,18 @@ def test_a_mirror_fetches_an_object_rewritten_with_the_same_size(server: dict, n
     assert materialize(f"s3://{BUCKET}/small", "reference.path") == local
     assert (local / "index" / "manifest.json").read_bytes() == b'{"v": 2}'
     assert (local / "img_emb" / "a.npy").read_bytes() == b"0123456789"
+
+
+def test_analysts_read_bucket_runs_with_polars_and_hive_keys(s3_audit: dict, server: dict) -> None:
+    import polars as pl
+
+    uri = _run_uri(s3_audit["stdout"])
+    options = {"aws_endpoint_url": server["AWS_ENDPOINT_URL"], "aws_access_key_id": server["AWS_ACCESS_KEY_ID"],
+               "aws_secret_access_key": server["AWS_SECRET_ACCESS_KEY"], "aws_region": "us-east-1",
+               "aws_allow_http": "true"}
+    samples = pl.scan_parquet(f"s3://{BUCKET}/runs/model=*/checkpoint=*/run=*/samples/*.parquet",
+                              storage_options=options, hive_partitioning=True).select("sample_id", "status", "run").collect()
+    run_id = uri.rsplit("run=", 1)[-1]
+    assert samples.height == 8 and samples["sample_id"].n_unique() == 8 and set(samples["run"]) == {run_id}
+    scores = pl.read_parquet(f"{uri}/prompt_scores/*.parquet", storage_options=options)
+    assert scores.height == 4 and "flagged" in scores.columns

@@ -83,14 +83,17 @@ def source_shard(source: str, fmt: str) -> SourceShard | None:
     """The shard a marker's ``source`` names (a path or a URI), readable here; None if it is gone."""
     if is_uri(source):
         origin, name = source.rsplit("/", 1)
-        path = mirror_path(origin) / name
+        remote, path = RemoteFolder(origin), mirror_path(origin) / name
         meta = path.with_suffix(".parquet") if fmt == "webdataset" else None
-        if meta is not None and f"{meta.name}" not in RemoteFolder(origin).listing():
-            meta = None
-        try:
-            return fetch(SourceShard(path.stem, fmt, path, meta, origin))
-        except FileNotFoundError:
-            return None
+        for wanted in (path, meta):
+            if wanted is not None and not wanted.is_file():
+                try:
+                    remote.download(wanted.name, wanted)
+                except FileNotFoundError:  # the shard is gone (None), or has no metadata file
+                    if wanted == path:
+                        return None
+                    meta = None
+        return SourceShard(path.stem, fmt, path, meta, origin)
     path = Path(source)
     if not path.exists():
         return None

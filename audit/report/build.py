@@ -53,7 +53,7 @@ def write_report(run_path: str | Path, gallery_size: int = 24, baseline_size: in
     rows = _prompt_rows(scores, prompt_text)
     summary.update({
         "run": {k: info.get(k) for k in ("run_id", "model_name", "checkpoint_id", "created_at")},
-        "run_path": store.location if store.remote else str(store.path.resolve()),
+        "run_path": store.full_location,
         "reference": str(reference) if reference else None,
         "thresholds": {k: info["config"]["detection"][k] for k in
                        ("flag_score", "match_l2", "template_similarity", "clique_delta", "clique_min")},

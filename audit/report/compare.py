@@ -23,7 +23,7 @@ def _load(path: str | Path) -> dict[str, Any]:
     scores = require(store, "prompt_scores")
     samples = require(store, "samples", ["sample_id", "prompt_id", "status"])
     return {
-        "info": info, "path": store.location if store.remote else str(store.path.resolve()),
+        "info": info, "path": store.full_location,
         "summary": summarise(scores, samples, complete_table(store, "matches")),
         "flags": dict(zip(scores.column("prompt_id").to_pylist(), (bool(f) for f in scores.column("flagged").to_pylist()))),
         "score": dict(zip(scores.column("prompt_id").to_pylist(), scores.column("score").to_pylist())),
