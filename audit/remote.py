@@ -191,14 +191,15 @@ def is_temporary(rel: str) -> bool:
     return ".tmp-" in rel.rsplit("/", 1)[-1] or rel == PULLED
 
 
-def _read_pulled(local: Path) -> dict[str, list[Any]]:
+def pulled_versions(local: Path) -> dict[str, list[Any]]:
+    """relative path -> [size, version] of the objects last fetched into (or published from) ``local``."""
     try:
         return json.loads((local / PULLED).read_text())
     except (OSError, ValueError):
         return {}
 
 
-def _write_pulled(local: Path, pulled: dict[str, list[Any]]) -> None:
+def record_pulled(local: Path, pulled: dict[str, list[Any]]) -> None:
     from audit.store import write_bytes_atomic
 
     write_bytes_atomic(local / PULLED, json.dumps(pulled, sort_keys=True).encode())
@@ -209,7 +210,7 @@ def pull_tree(remote: RemoteFolder, local: Path) -> int:
     local file is missing or of another size); returns how many were fetched. The versions
     pulled are kept in ``local/.memaudit-pulled.json``, so an object rewritten with the same
     size (a re-built manifest) is fetched again."""
-    pulled = _read_pulled(local)
+    pulled = pulled_versions(local)
     inventory = remote.inventory()
     fetched = 0
     for rel, (size, version) in sorted(inventory.items(), key=lambda item: _publish_order(item[0])):
@@ -222,12 +223,13 @@ def pull_tree(remote: RemoteFolder, local: Path) -> int:
         pulled[rel] = [size, version]
         fetched += 1
     if fetched:
-        _write_pulled(local, pulled)
+        record_pulled(local, pulled)
     return fetched
 
 
 def local_state(local: Path) -> dict[str, tuple[int, int]]:
-    """(size, mtime) of every file under ``local``: what :func:`push_tree` compares against."""
+    """(size, mtime) of every file under ``local`` (paths relative to it): what :func:`push_tree`
+    compares against."""
     return {p.relative_to(local).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in local.rglob("*") if p.is_file()} if local.is_dir() else {}
 
@@ -236,15 +238,15 @@ def push_tree(local: Path, remote: RemoteFolder, under: str = "",
               since: dict[str, tuple[int, int]] | None = None) -> int:
     """Upload the files of ``local / under`` (data, then markers, then manifests); with ``since``
     (a :func:`local_state`), only those new or changed since then. Returns how many."""
-    base = local / under if under else local
-    now = {rel: state for rel, state in local_state(local).items()
-           if not is_temporary(rel) and (not under or rel.startswith(f"{under}/"))} if base.exists() else {}
+    prefix = f"{under}/" if under else ""
+    now = {prefix + rel: state for rel, state in local_state(local / under if under else local).items()
+           if not is_temporary(prefix + rel)}
     todo = [rel for rel, state in now.items() if since is None or since.get(rel) != state]
     for rel in sorted(todo, key=_publish_order):
         remote.upload(local / rel, rel)
     if todo:  # what was just published needs no fetching back
-        pulled, inventory = _read_pulled(local), remote.inventory(under)
-        _write_pulled(local, pulled | {rel: list(inventory[rel]) for rel in todo if rel in inventory})
+        pulled, inventory = pulled_versions(local), remote.inventory(under)
+        record_pulled(local, pulled | {rel: list(inventory[rel]) for rel in todo if rel in inventory})
     return len(todo)
 
 

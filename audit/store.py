@@ -27,15 +27,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from audit.errors import StorageError
-from audit.remote import RemoteFolder, is_uri, join, mirror_path
+from audit.remote import RemoteFolder, is_temporary, is_uri, join, mirror_path, pulled_versions, record_pulled
 
 log = logging.getLogger(__name__)
 
 RUN_JSON = "run.json"
 MARKERS = "_markers"
-MARKER_VERSIONS = ".memaudit-markers.json"  # in an object-store run's mirror: marker versions adopted
 TMP_TAG = ".tmp-"
 ROW_GROUP_BYTES = 128 * 2**20
+_SHARD_FILE = re.compile(r"^[^/]+/shard-\d+\.parquet$")  # <table>/shard-NNNNN.parquet: governed by its marker
 
 
 def folder_safe(text: str) -> str:
@@ -117,13 +117,6 @@ def write_parquet_atomic(final: Path, table: pa.Table) -> int:
     finally:
         tmp.unlink(missing_ok=True)
     return final.stat().st_size
-
-
-def _read_json_file(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def file_sha256(path: Path) -> str:
@@ -254,31 +247,28 @@ class RunStore:
             return 0
         inventory = self.remote.inventory()
         objects = {rel: size for rel, (size, _) in inventory.items()}
-        versions = {rel: version for rel, (_, version) in inventory.items()
-                    if f"/{MARKERS}/" in rel and rel.endswith(".json")}
-        # markers whose object version was adopted before are read from the mirror, not the bucket
-        known = _read_json_file(self.path / MARKER_VERSIONS) or {}
-        same = {rel for rel, version in versions.items()
-                if version and known.get(rel) == version and (self.path / rel).is_file()}
-        markers = {rel: (self.path / rel).read_bytes() for rel in same}
-        markers |= self.remote.read_many(sorted(set(versions) - same))
-        fetched = 0
-        for rel, data in markers.items():
-            fetched += self._adopt(rel, data, objects)
+        known = pulled_versions(self.path)  # a marker whose version was adopted before is read here
+
+        def unchanged(rel: str) -> bool:
+            return bool(inventory[rel][1]) and known.get(rel) == list(inventory[rel]) and (self.path / rel).is_file()
+
+        is_marker = [rel for rel in inventory if f"/{MARKERS}/" in rel and rel.endswith(".json")]
+        markers = {rel: (self.path / rel).read_bytes() for rel in is_marker if unchanged(rel)}
+        markers |= self.remote.read_many(sorted(set(is_marker) - set(markers)))
+        fetched = sum(self._adopt(rel, data, objects) for rel, data in markers.items())
         for local_marker in self.path.glob(f"*/{MARKERS}/*.json"):
             if self._rel(local_marker) not in markers:
                 local_marker.unlink(missing_ok=True)
-        adopted = {rel: versions[rel] for rel in markers if (self.path / rel).is_file()}
-        if adopted != known:
-            write_bytes_atomic(self.path / MARKER_VERSIONS, json.dumps(adopted, sort_keys=True).encode())
-        shard_files = {self._shard_rel(rel) for rel in markers}
-        for rel, size in objects.items():
-            target = self.path / rel
-            if (rel in markers or rel in shard_files or TMP_TAG in rel or "write-probe" in rel
-                    or (target.is_file() and target.stat().st_size == size)):
+        for rel in inventory:  # run.json, the prompts table, report/: fetched when new or changed
+            if (rel in markers or _SHARD_FILE.match(rel) or is_temporary(rel) or "write-probe" in rel
+                    or unchanged(rel)):
                 continue
-            self.remote.download(rel, target)
+            self.remote.download(rel, self.path / rel)
             fetched += 1
+        present = {rel: list(version) for rel, version in inventory.items()
+                   if not _SHARD_FILE.match(rel) and (self.path / rel).is_file()}
+        if present != known:
+            record_pulled(self.path, present)
         if fetched:
             log.info("%s: fetched %d files into %s", self.location, fetched, self.path)
         return fetched

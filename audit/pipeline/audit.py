@@ -133,8 +133,7 @@ def run_audit(cfg: AuditConfig, address: str | None = None, retry_failed: bool =
 
             resolved = str(resolve_reference(cfg.reference.path))
             cfg = cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"path": resolved})})
-        joined = join_neighbors(store, cfg, names) if cfg.reference.path else {}
-        store.sync()
+        joined = join_neighbors(store, cfg, names) if cfg.reference.path else {}  # written here: no sync needed
         detected = detect(store, cfg, names, sizes)
         store.sync()
         return AuditResult(store.path, report, embedded, joined, detected, store.location)

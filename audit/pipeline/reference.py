@@ -40,14 +40,16 @@ class ReferenceEmbedWorker(StageActor):
 
     def run(self, shard: SourceShard, index: int) -> dict[str, Any]:
         from audit.reference.embed_shard import embed_source_shard
-        from audit.reference.folder import emb_path, marker_path, meta_path, rejected_path
 
-        marker = embed_source_shard(self.stage, self.root, fetch(shard), index, pid=os.getpid())
-        if self.remote is not None:  # the files, then the marker: a published marker means a complete shard
-            for path in (emb_path(self.root, index), meta_path(self.root, index), rejected_path(self.root, index),
-                         marker_path(self.root, index)):
-                self.remote.upload(path, path.relative_to(self.root).as_posix())
-        return marker
+        publish = self._publish if self.remote is not None else None
+        return embed_source_shard(self.stage, self.root, fetch(shard), index, publish=publish, pid=os.getpid())
+
+    def _publish(self, files: list[Path], marker: Path, marker_bytes: bytes) -> None:
+        """The files, then the marker: a marker in the bucket means a complete shard."""
+        assert self.remote is not None
+        for path in files:
+            self.remote.upload(path, path.relative_to(self.root).as_posix())
+        self.remote.write(marker.relative_to(self.root).as_posix(), marker_bytes)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import json
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,14 @@ def _write_parquet(path: Path, rows: dict[str, list[Any]], schema: pa.Schema) ->
     return write_parquet_atomic(path, pa.Table.from_pydict(rows, schema=schema))
 
 
+Publish = Callable[[list[Path], Path, bytes], None]  # (data files, marker path, marker bytes)
+
+
 def embed_source_shard(stage: EmbedStage, root: Path, shard: SourceShard, index: int,
-                       chunk_rows: int = 256, **extra: Any) -> dict[str, Any]:
-    """Embed every row of ``shard`` and publish file pair ``index``; returns the marker."""
+                       chunk_rows: int = 256, publish: Publish | None = None, **extra: Any) -> dict[str, Any]:
+    """Embed every row of ``shard`` and publish file pair ``index``; returns the marker.
+    ``publish``, when given, uploads the files and then the marker before the local marker is
+    written."""
     started = time.time()
     marker_path(root, index).unlink(missing_ok=True)
     vectors: list[np.ndarray] = []
@@ -94,7 +100,11 @@ def embed_source_shard(stage: EmbedStage, root: Path, shard: SourceShard, index:
         "host": socket.gethostname(),
         **extra,
     }
-    write_bytes_atomic(marker_path(root, index), json.dumps(marker, indent=2).encode())
+    data = json.dumps(marker, indent=2).encode()
+    if publish is not None:  # the object store first: a local marker implies a published shard
+        publish([emb_path(root, index), meta_path(root, index), rejected_path(root, index)],
+                marker_path(root, index), data)
+    write_bytes_atomic(marker_path(root, index), data)
     return marker
 
 

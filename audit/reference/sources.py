@@ -14,7 +14,7 @@ import json
 import re
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +70,18 @@ def find_shards(folder: str | Path, fmt: str = "auto") -> list[SourceShard]:
 
 
 def fetch(shard: SourceShard) -> SourceShard:
-    """Make a shard of an object-store source readable here (its files fetched once per machine)."""
-    if shard.origin is not None:
-        remote = RemoteFolder(shard.origin)
-        for path in (shard.path, shard.meta):
-            if path is not None and not path.is_file():
-                remote.download(path.name, path)
+    """Make a shard of an object-store source readable here (its files fetched once per machine);
+    FileNotFoundError if its images are gone, a missing metadata file is dropped."""
+    if shard.origin is None:
+        return shard
+    remote = RemoteFolder(shard.origin)
+    if not shard.path.is_file():
+        remote.download(shard.path.name, shard.path)
+    if shard.meta is not None and not shard.meta.is_file():
+        try:
+            remote.download(shard.meta.name, shard.meta)
+        except FileNotFoundError:
+            return replace(shard, meta=None)
     return shard
 
 
@@ -83,17 +89,12 @@ def source_shard(source: str, fmt: str) -> SourceShard | None:
     """The shard a marker's ``source`` names (a path or a URI), readable here; None if it is gone."""
     if is_uri(source):
         origin, name = source.rsplit("/", 1)
-        remote, path = RemoteFolder(origin), mirror_path(origin) / name
+        path = mirror_path(origin) / name
         meta = path.with_suffix(".parquet") if fmt == "webdataset" else None
-        for wanted in (path, meta):
-            if wanted is not None and not wanted.is_file():
-                try:
-                    remote.download(wanted.name, wanted)
-                except FileNotFoundError:  # the shard is gone (None), or has no metadata file
-                    if wanted == path:
-                        return None
-                    meta = None
-        return SourceShard(path.stem, fmt, path, meta, origin)
+        try:
+            return fetch(SourceShard(path.stem, fmt, path, meta, origin))
+        except FileNotFoundError:  # the shard is gone
+            return None
     path = Path(source)
     if not path.exists():
         return None
