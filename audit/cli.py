@@ -191,7 +191,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"status: {totals.get('ok', 0)} ok, {totals.get('error', 0)} error "
           f"in {totals['complete_shards']} of {report.shards_total} complete shards")
     embedded = result.embeddings
-    print(f"embeddings: {embedded.shards_written} shards embedded now, {embedded.shards_skipped} already current"
+    during = f" ({embedded.shards_with_generation} while generating)" if embedded.shards_with_generation else ""
+    print(f"embeddings: {embedded.shards_written} shards embedded now{during}, {embedded.shards_skipped} already current"
           + (f", {len(embedded.shards_failed)} failed" if embedded.shards_failed else ""))
     if result.neighbors:
         print(f"neighbors: {result.neighbors['shards_written']} shards joined now ({result.neighbors['queries']} "

@@ -115,6 +115,10 @@ class ComputeSection(_Section):
     cpus_per_worker: int | Literal["auto"] = Field("auto", description="auto: 1 with GPUs, else CPUs/workers.")
     batch_size: int = Field(8, gt=0, description="Images per denoiser forward (CFG doubles it).")
     max_attempts: int = Field(3, gt=0, description="Tries per shard when a worker dies.")
+    embed_with_generation: bool = Field(
+        True, description="Generation workers embed each batch on their device right after generating it "
+        "(no PNG decode, no second pass); false, or embedding.device naming another device: a separate step after."
+    )
 
     @field_validator("num_workers", "cpus_per_worker")
     @classmethod

@@ -62,6 +62,7 @@ def _config(args: argparse.Namespace, checkpoint: str, work: Path) -> AuditConfi
         *([f"generation.height={args.size}", f"generation.width={args.size}"] if args.size else []),
         f"model.compile={args.compile}",
         f"model.channels_last={args.channels_last}",
+        "compute.embed_with_generation=false",  # generation alone (end_to_end.py measures both together)
     ])
 
 

@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "scaling": ([], []),
     "detection": (["--per-group", "8", "--samples", "4"], []),
     "object_store": ([], []),
+    "denoiser_variants": ([], ["--arch", "sd15", "--size", "512", "--batch-size", "16"]),
 }
 
 
@@ -50,7 +51,11 @@ def headline(name: str, result: dict[str, Any]) -> str:
             line += f", {100 * result['ray_fraction_of_roofline']:.1f}% of the bf16 roofline"
         return line
     if name == "end_to_end":
-        return f"Ray + Parquet overhead {100 * result['overhead']:+.1f}% of pure model time ({result['samples']} samples)"
+        return (f"Ray + Parquet overhead {100 * result['overhead']:+.1f}% of pure model time ({result['samples']} "
+                f"samples; {100 * result['overhead_after']:+.1f}% embedding after generation instead of during)")
+    if name == "denoiser_variants":
+        return ", ".join(f"{k} {v:.2f}x" for k, v in result["speedup_vs_eager"].items() if k != "eager") + \
+            f" the eager SDPA forward ({result['device']} {result['dtype']})"
     if name == "memory":
         last = result["results"][-1]
         return f"driver peak {100 * last['driver_vs_smallest']:+.1f}% from {result['results'][0]['samples']:,} to {last['samples']:,} samples"

@@ -22,3 +22,16 @@ def test_run_all_counts_sd15_flops_and_writes_the_summary(tmp_path: Path) -> Non
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["benchmarks"]["flops"]["ok"] and "TFLOP/image" in summary["benchmarks"]["flops"]["headline"]
     assert "| flops |" in done.stdout
+
+
+def test_denoiser_variants_agree_with_the_default_forward(tmp_path: Path) -> None:
+    """The speed-knob benchmark, shrunk (no compile: its first forward takes a minute on CPU)."""
+    out = tmp_path / "variants.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "denoiser_variants.py"), "--forwards", "1", "--repeats", "1",
+                           "--batch-size", "2", "--variants", "eager", "no-sdpa", "channels_last", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    assert set(result["seconds_per_forward"]) == {"eager", "no-sdpa", "channels_last"}
+    assert all(error < 1e-4 for error in result["max_abs_diff"].values()), result["max_abs_diff"]
+    assert result["speedup_vs_eager"]["eager"] == 1.0 and "| channels_last |" in done.stdout

@@ -145,3 +145,78 @@ def test_failing_batch_becomes_error_rows(tiny_checkpoint: Path) -> None:
     assert set(out["status"]) == {"error"}
     assert list(out["error"]) == ["RuntimeError: CUDA error: device lost"] * 2
     assert np.isnan(out["noise_magnitude"]).all()
+
+
+def test_embedding_while_generating_writes_what_embedding_afterwards_writes(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The generation worker's embeddings (from pixels, groups straddling generation batches, a
+    failed batch in the middle) equal, bit for bit, those embedded later from the shard's PNGs."""
+    import pyarrow.parquet as pq
+
+    from audit.embed import samples as embedded
+    from audit.embed.stage import EmbedStage
+    from audit.generate.shard import generate_shard
+    from audit.store import RunStore
+
+    cfg = _cfg(tiny_checkpoint, "compute.batch_size=4", "embedding.batch_size=3", "generation.samples_per_prompt=4")
+    generator = GenerateStage(cfg, "cpu", "float32")
+    calls = [0]
+
+    def fail_second_batch(*_: object) -> None:
+        calls[0] += 1
+        if calls[0] == STEPS + 1:  # the second batch's first UNet call
+            raise RuntimeError("device lost")
+
+    generator.pipe.unet.register_forward_pre_hook(fail_second_batch)
+    embed = EmbedStage(cfg.embedding, "cpu")
+    prompts = tuple(PROMPTS[:3])
+    shard = ShardSpec(0, "shard-00000", tuple(ids.prompt_id(p) for p in prompts), prompts)
+    store = RunStore(tmp_path / "run")
+
+    marker = generate_shard(generator, store, cfg, shard, embed)
+    assert marker["embedded"] == embed.model_id and marker["status_counts"] == {"ok": 8, "error": 4}
+    written = store.read_marker(embedded.TABLE, shard.name)
+    assert written["during"] == "generation" and written["rows"] == 12
+    assert store.is_current(embedded.TABLE, shard.name, embedded.inputs(store, shard.name, embed.model_id))
+    during = pq.read_table(store.shard_path(embedded.TABLE, shard.name))
+    samples = pq.read_table(store.shard_path("samples", shard.name), columns=["sample_id", "status"])
+    assert during.column("sample_id").equals(samples.column("sample_id"))
+    assert during.column("status").to_pylist() == samples.column("status").to_pylist()
+    failed = [e for e in during.column("error").to_pylist() if e]
+    assert failed == [embedded.NOT_GENERATED] * 4
+
+    embedded.embed_shard(embed, store, shard.name)
+    afterwards = pq.read_table(store.shard_path(embedded.TABLE, shard.name))
+    assert store.read_marker(embedded.TABLE, shard.name).get("during") is None
+    assert afterwards.equals(during)
+    ok = [e for e, state in zip(afterwards.column("embedding").to_pylist(), afterwards.column("status").to_pylist())
+          if state == "ok"]
+    assert len(set(ok)) == 8 and all(any(e) for e in ok)  # distinct images, distinct non-zero rows
+
+
+def test_an_embedding_failure_while_generating_keeps_the_generated_shard(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from audit.embed import samples as embedded
+    from audit.embed.stage import EmbedStage
+    from audit.generate.shard import generate_shard
+    from audit.store import RunStore
+
+    cfg = _cfg(tiny_checkpoint, "compute.batch_size=4", "embedding.batch_size=4")
+    embed = EmbedStage(cfg.embedding, "cpu")
+    calls = [0]
+    forward = embed.embedder.forward
+
+    def fail_second_forward(pixels: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("CUDA out of memory in the embedding model")
+        return forward(pixels)
+
+    embed.embedder.forward = fail_second_forward
+    prompts = tuple(PROMPTS[:3])
+    shard = ShardSpec(0, "shard-00000", tuple(ids.prompt_id(p) for p in prompts), prompts)
+    store = RunStore(tmp_path / "run")
+    marker = generate_shard(GenerateStage(cfg, "cpu", "float32"), store, cfg, shard, embed)
+    assert "embedded" not in marker and marker["status_counts"] == {"ok": 12}
+    assert store.is_complete("samples", shard.name)
+    assert store.read_marker(embedded.TABLE, shard.name) is None
+    assert not list((tmp_path / "run" / embedded.TABLE).glob("*.parquet*"))  # nothing partial left behind
+    assert calls[0] == 2  # embedding stopped for this shard after the failure

@@ -119,7 +119,7 @@ def test_samples_are_embedded_in_an_aligned_table(first_run: dict) -> None:
     from audit.embed.storage import decode_embeddings
 
     run: Path = first_run["run"]
-    assert "embeddings: 4 shards embedded now, 0 already current" in first_run["stdout"]
+    assert "embeddings: 4 shards embedded now (4 while generating), 0 already current" in first_run["stdout"]
     for shard in SHARDS:
         samples = pq.read_table(run / "samples" / f"{shard}.parquet", columns=["sample_id", "image_png"])
         table = pq.read_table(run / TABLE / f"{shard}.parquet")
@@ -167,11 +167,20 @@ def test_retry_failed_regenerates_only_failed_rows(first_run: dict, tmp_path: Pa
     captured = capsys.readouterr()
     assert "2 samples failed (" not in captured.out and "re-run with --retry-failed" in captured.err
     assert main(["run", str(cfg), "--retry-failed"]) == 0
-    assert "status: 32 ok, 0 error" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "status: 32 ok, 0 error" in out
     repaired = pq.read_table(store.shard_path("samples", "shard-00001"))
     assert repaired.column("sample_id").to_pylist() == original.column("sample_id").to_pylist()
     assert repaired.column("image_png").to_pylist() == original.column("image_png").to_pylist()
     assert store.read_marker("samples", "shard-00001")["retried"] == 2
+    # the rewritten shard is re-embedded by the separate step, from its PNGs: the same bits the
+    # generation worker wrote for it in the first run
+    assert "embeddings: 1 shards embedded now, 3 already current" in out
+    first = RunStore(first_run["run"])
+    assert first.read_marker("embeddings", "shard-00001")["during"] == "generation"
+    assert store.read_marker("embeddings", "shard-00001").get("during") is None
+    assert pq.read_table(store.shard_path("embeddings", "shard-00001")).equals(
+        pq.read_table(first.shard_path("embeddings", "shard-00001")))
     after = _state(run)
     assert all(after[n] == untouched[n] for n in after if "shard-00001" not in n)
 

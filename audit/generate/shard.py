@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -11,8 +13,11 @@ import pyarrow.parquet as pq
 
 from audit.batching import Batch, TwoPhaseStage, run_batches
 from audit.config import AuditConfig
+from audit.embed import samples as embedded_samples
+from audit.embed.stage import EmbedStage
+from audit.errors import StorageError, storage_error
 from audit.plan import ShardSpec, shard_samples
-from audit.schema import SAMPLES, SAMPLES_COMPRESSION, STATUS_OK
+from audit.schema import SAMPLES, SAMPLES_COMPRESSION, STATUS_ERROR, STATUS_OK
 from audit.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -20,14 +25,71 @@ TABLE = "samples"
 
 
 def generate_shard(
-    stage: TwoPhaseStage, store: RunStore, cfg: AuditConfig, shard: ShardSpec, **extra: Any
+    stage: TwoPhaseStage, store: RunStore, cfg: AuditConfig, shard: ShardSpec,
+    embed: EmbedStage | None = None, **extra: Any
 ) -> dict[str, Any]:
-    """Generate every sample of a shard and publish it; returns the completion marker."""
+    """Generate every sample of a shard and publish it; returns the completion marker.
+
+    With ``embed``, each batch's pixels are also embedded right after they are generated, and the
+    aligned embeddings/ shard is published right after the samples shard, whose marker it names
+    as its input; the returned marker then has ``embedded`` set."""
     rows = shard_samples(shard, cfg.generation.samples_per_prompt, cfg.run.seed)
     store.invalidate(TABLE, shard.name)
-    with store.open_shard(TABLE, shard.name, SAMPLES, SAMPLES_COMPRESSION) as writer:
-        run_batches(stage, rows, writer.write, cfg.compute.batch_size)
-        return writer.commit(**extra)
+    if embed is None:
+        with store.open_shard(TABLE, shard.name, SAMPLES, SAMPLES_COMPRESSION) as writer:
+            run_batches(stage, rows, writer.write, cfg.compute.batch_size)
+            return writer.commit(**extra)
+    store.invalidate(embedded_samples.TABLE, shard.name)
+    with (store.open_shard(TABLE, shard.name, SAMPLES, SAMPLES_COMPRESSION) as writer,
+          store.open_shard(embedded_samples.TABLE, shard.name, embedded_samples.schema(embed.dim, embed.model_id))
+          as embedding_writer):
+        tap = _EmbeddingTap(stage, embedded_samples.AlignedEmbeddings(embed, embedding_writer.write))
+        run_batches(tap, rows, writer.write, cfg.compute.batch_size)
+        tap.guarded(tap.aligned.finish)
+        marker = writer.commit(**extra)
+        tap.guarded(lambda: embedding_writer.commit(**embedded_samples.commit_fields(embed, store, shard.name),
+                                                    pid=os.getpid(), during="generation"))
+        if tap.failure is not None:
+            embedding_writer.abort()
+            log.warning("%s: embedding while generating failed (%s); the embedding step will embed this shard",
+                        shard.name, tap.failure)
+            return marker
+        return {**marker, "embedded": embed.model_id}
+
+
+class _EmbeddingTap:
+    """A generation stage that embeds each batch's pixels right after generating them, on the
+    same thread (never a PNG round trip). Not in the CPU phase's helper thread: two threads
+    running torch at once oversubscribe a CPU worker's cores (each has its own OpenMP team).
+
+    An embedding failure never costs the generated shard: embedding stops for this shard, and the
+    run's separate embedding step embeds it from its PNGs. Refused writes still stop the stage."""
+
+    def __init__(self, stage: TwoPhaseStage, aligned: embedded_samples.AlignedEmbeddings) -> None:
+        self.stage, self.aligned = stage, aligned
+        self.failure: str | None = None
+
+    def generate(self, batch: Batch) -> Any:
+        raw = self.stage.generate(batch)
+        ok = [STATUS_OK if raw.pixels is not None and raw.finite[i] else STATUS_ERROR for i in range(len(batch["seed"]))]
+        self.guarded(lambda: self.aligned.add(batch["sample_id"], batch["prompt_id"],
+                                              embedded_samples.from_pixels(raw.pixels, ok)))
+        return raw
+
+    def encode(self, batch: Batch, raw: Any) -> Batch:
+        return self.stage.encode(batch, raw)
+
+    def guarded(self, work: Callable[[], Any]) -> None:
+        """``work()`` unless embedding already failed for this shard; a failure is recorded."""
+        if self.failure is not None:
+            return
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - see the class docstring
+            if isinstance(exc, StorageError) or storage_error(exc) is not None:
+                raise
+            log.exception("embedding while generating failed")
+            self.failure = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
 
 
 def retry_failed_samples(

@@ -33,23 +33,28 @@ log = logging.getLogger(__name__)
 
 @ray.remote(max_restarts=0)
 class GenerationWorker(StageActor):
-    """A Ray actor holding one loaded pipeline; it generates and writes whole shards."""
+    """A Ray actor holding one loaded pipeline (and, by default, the embedding model); it generates
+    and writes whole shards."""
 
-    def __init__(self, cfg: dict[str, Any], run_path: str, device: str, dtype: str) -> None:
+    def __init__(self, cfg: dict[str, Any], run_path: str, device: str, dtype: str, embed: bool) -> None:
+        from audit.embed.stage import EmbedStage
         from audit.generate.stage import GenerateStage
 
         super().__init__(cfg)
         self.store = RunStore(run_path)
         self.stage = GenerateStage(self.cfg, device, dtype)
+        self.embed = EmbedStage(self.cfg.embedding, device) if embed else None
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "device": self.stage.device, "dtype": self.stage.dtype}
+        embedding = self.embed.model_id if self.embed else None
+        return {**super().describe(), "device": self.stage.device, "dtype": self.stage.dtype, "embedding": embedding}
 
     def run(self, shard: ShardSpec, retry_only: bool) -> dict[str, Any]:
-        work = gen_shard.retry_failed_samples if retry_only else gen_shard.generate_shard
         extra = {"device": self.stage.device, "dtype": self.stage.dtype, "pid": os.getpid(),
                  "batch_size": self.cfg.compute.batch_size}
-        return work(self.stage, self.store, self.cfg, shard, **extra)
+        if retry_only:  # merges kept rows with regenerated ones: the embedding step re-embeds the shard
+            return gen_shard.retry_failed_samples(self.stage, self.store, self.cfg, shard, **extra)
+        return gen_shard.generate_shard(self.stage, self.store, self.cfg, shard, self.embed, **extra)
 
 
 @ray.remote(max_restarts=0)
@@ -79,6 +84,7 @@ class StepReport:
     shards_written: int = 0
     shards_failed: dict[str, str] = field(default_factory=dict)
     rows_error: int = 0
+    shards_with_generation: int = 0  # of shards_written: embedded by the generation workers
 
 
 @dataclass
@@ -91,6 +97,7 @@ class GenerationReport(StepReport):
     seconds: float = 0.0
     generation_window_s: float = 0.0  # first shard start to last shard end, on the workers
     samples_written: int = 0
+    shards_embedded: set[str] = field(default_factory=set)  # embedded by the generation workers
 
     @property
     def images_per_second(self) -> float:
@@ -124,7 +131,7 @@ def run_audit(cfg: AuditConfig, address: str | None = None, retry_failed: bool =
         store = open_run(inputs, device.split(":")[0], dtype, force)
         report = generate_samples(store, inputs, device, dtype, retry_failed)
         store.sync()  # other nodes' shards (object-store runs)
-        embedded = embed_samples(store, inputs)
+        embedded = embed_samples(store, inputs, report.shards_embedded)
         store.sync()
         names = [spec.name for spec in inputs.plan.shards()]
         sizes = {spec.name: len(spec.prompt_ids) * cfg.generation.samples_per_prompt for spec in inputs.plan.shards()}
@@ -209,7 +216,8 @@ def generate_samples(
     n_workers = _n_workers(cfg, device, len(todo))
     resources = _worker_resources(cfg, device, n_workers)
     log.info("samples: %d shards to do, %d complete; %d workers with %s", len(todo), skipped, n_workers, resources)
-    pool = ActorPool(GenerationWorker, (cfg.to_dict(), store.location, device, dtype), resources, "generation")
+    embed = embeds_with_generation(cfg, device)
+    pool = ActorPool(GenerationWorker, (cfg.to_dict(), store.location, device, dtype, embed), resources, "generation")
     per_prompt = cfg.generation.samples_per_prompt
     tasks = [ShardTask(spec.name, (spec, retry), len(spec.prompt_ids) * per_prompt) for spec, retry in todo]
     done = run_tasks(pool, n_workers, tasks, cfg.compute.max_attempts, "img", "generate")
@@ -221,8 +229,16 @@ def generate_samples(
     return report
 
 
+def embeds_with_generation(cfg: AuditConfig, device: str) -> bool:
+    """Whether the generation workers embed their samples too: unless turned off, or the
+    embedding section names another device than the one generating."""
+    return cfg.compute.embed_with_generation and cfg.embedding.device in {"auto", device, device.split(":")[0]}
+
+
 def _record(report: GenerationReport, marker: dict[str, Any]) -> None:
     counts = marker.get("status_counts", {})
+    if marker.get("embedded"):
+        report.shards_embedded.add(str(marker.get("shard")))
     report.shards_written += 1
     report.samples_written += int(marker.get("rows", 0))
     report.samples_ok += int(counts.get("ok", 0))
@@ -233,9 +249,9 @@ def _record(report: GenerationReport, marker: dict[str, Any]) -> None:
         report.first_errors.append(f"{marker.get('shard')}: {errors} failed, e.g. {marker.get('first_error')}")
 
 
-def embed_samples(store: RunStore, inputs: PreparedInputs) -> StepReport:
+def embed_samples(store: RunStore, inputs: PreparedInputs, embedded_now: set[str] | None = None) -> StepReport:
     """Embed every complete samples/ shard whose embeddings/ shard is missing or was made by
-    another embedding model."""
+    another embedding model (``embedded_now``: shards the generation workers just embedded)."""
     from audit.embed.models import describe
 
     cfg = inputs.cfg
@@ -244,7 +260,9 @@ def embed_samples(store: RunStore, inputs: PreparedInputs) -> StepReport:
     ready = [n for n in names if store.is_complete(gen_shard.TABLE, n)]
     todo = [n for n in ready if not store.is_current(embed_samples_shard.TABLE, n,
                                                      embed_samples_shard.inputs(store, n, model_id))]
-    report = StepReport(shards_total=len(names), shards_skipped=len(ready) - len(todo))
+    fresh = len(((embedded_now or set()) & set(ready)) - set(todo))
+    report = StepReport(shards_total=len(names), shards_skipped=len(ready) - len(todo) - fresh,
+                        shards_written=fresh, shards_with_generation=fresh)
     if not todo:
         return report
     device, resources, n_workers = embedding_placement(cfg.embedding.device, cfg.compute.cpus_per_worker)
@@ -253,7 +271,7 @@ def embed_samples(store: RunStore, inputs: PreparedInputs) -> StepReport:
     sizes = {spec.name: len(spec.prompt_ids) * per_prompt for spec in inputs.plan.shards()}
     tasks = [ShardTask(name, (name,), sizes[name]) for name in todo]
     done = run_tasks(pool, n_workers, tasks, cfg.compute.max_attempts, "img", "embed")
-    report.shards_written = len(done.markers)
+    report.shards_written += len(done.markers)
     report.shards_failed = done.failed
     report.rows_error = sum(int(m.get("status_counts", {}).get(STATUS_ERROR, 0)) for m in done.markers)
     return report
