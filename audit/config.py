@@ -116,7 +116,7 @@ class ComputeSection(_Section):
     batch_size: int = Field(8, gt=0, description="Images per denoiser forward (CFG doubles it).")
     max_attempts: int = Field(3, gt=0, description="Tries per shard when a worker dies.")
     embed_with_generation: bool = Field(
-        True, description="Generation workers embed each batch on their device right after generating it "
+        True, description="Generation workers embed each batch on their device as it is generated "
         "(no PNG decode, no second pass); false, or embedding.device naming another device: a separate step after."
     )
 

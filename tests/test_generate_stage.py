@@ -147,15 +147,22 @@ def test_failing_batch_becomes_error_rows(tiny_checkpoint: Path) -> None:
     assert np.isnan(out["noise_magnitude"]).all()
 
 
-def test_embedding_while_generating_writes_what_embedding_afterwards_writes(tiny_checkpoint: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("in_cpu_phase", [False, True], ids=["generating-thread", "cpu-phase"])
+def test_embedding_while_generating_writes_what_embedding_afterwards_writes(
+        tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_cpu_phase: bool) -> None:
     """The generation worker's embeddings (from pixels, groups straddling generation batches, a
-    failed batch in the middle) equal, bit for bit, those embedded later from the shard's PNGs."""
+    failed batch in the middle) equal, bit for bit, those embedded later from the shard's PNGs —
+    embedded on the generating thread (a CPU embedder) or in the CPU phase (an accelerator's)."""
     import pyarrow.parquet as pq
 
     from audit.embed import samples as embedded
     from audit.embed.stage import EmbedStage
+    from audit.generate import shard as generating
     from audit.generate.shard import generate_shard
     from audit.store import RunStore
+
+    assert not generating._embeds_in_cpu_phase(EmbedStage(load_config(None, []).embedding, "cpu"))
+    monkeypatch.setattr(generating, "_embeds_in_cpu_phase", lambda embed: in_cpu_phase)
 
     cfg = _cfg(tiny_checkpoint, "compute.batch_size=4", "embedding.batch_size=3", "generation.samples_per_prompt=4")
     generator = GenerateStage(cfg, "cpu", "float32")

@@ -87,11 +87,12 @@ class AlignedEmbeddings:
         }))
 
 
-def from_pixels(pixels: np.ndarray | None, status: Sequence[str]) -> list[Decoded]:
-    """Rows of generated NHWC uint8 pixels as the embedding stage's input (no PNG round trip)."""
+def from_pixels(pixels: np.ndarray | None, usable: Sequence[bool]) -> list[Decoded]:
+    """Rows of generated NHWC uint8 pixels as the embedding stage's input (no PNG round trip);
+    rows not ``usable`` (failed or non-finite) have no image."""
     decoded: list[Decoded] = []
-    for i, state in enumerate(status):
-        if state != STATUS_OK or pixels is None:
+    for i, ok in enumerate(usable):
+        if not ok or pixels is None:
             decoded.append(Decoded(None, NOT_GENERATED))
             continue
         height, width = pixels.shape[1:3]

@@ -10,6 +10,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 
 from audit.batching import Batch, TwoPhaseStage, run_batches
 from audit.config import AuditConfig
@@ -17,7 +18,7 @@ from audit.embed import samples as embedded_samples
 from audit.embed.stage import EmbedStage
 from audit.errors import StorageError, storage_error
 from audit.plan import ShardSpec, shard_samples
-from audit.schema import SAMPLES, SAMPLES_COMPRESSION, STATUS_ERROR, STATUS_OK
+from audit.schema import SAMPLES, SAMPLES_COMPRESSION, STATUS_OK
 from audit.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ def generate_shard(
     with (store.open_shard(TABLE, shard.name, SAMPLES, SAMPLES_COMPRESSION) as writer,
           store.open_shard(embedded_samples.TABLE, shard.name, embedded_samples.schema(embed.dim, embed.model_id))
           as embedding_writer):
-        tap = _EmbeddingTap(stage, embedded_samples.AlignedEmbeddings(embed, embedding_writer.write))
+        tap = _EmbeddingTap(stage, embedded_samples.AlignedEmbeddings(embed, embedding_writer.write),
+                            _embeds_in_cpu_phase(embed))
         run_batches(tap, rows, writer.write, cfg.compute.batch_size)
         tap.guarded(tap.aligned.finish)
         marker = writer.commit(**extra)
@@ -57,27 +59,41 @@ def generate_shard(
         return {**marker, "embedded": embed.model_id}
 
 
+def _embeds_in_cpu_phase(embed: EmbedStage) -> bool:
+    """Where a batch is embedded: in its CPU phase (helper thread, overlapping the next batch's
+    generation) when the embedder runs on an accelerator, so its preprocessing never holds the
+    accelerator up; on the generating thread when it runs on the CPU, because two threads running
+    torch at once oversubscribe a CPU worker's cores (each brings its own OpenMP team)."""
+    return torch.device(embed.embedder.device).type != "cpu"
+
+
 class _EmbeddingTap:
-    """A generation stage that embeds each batch's pixels right after generating them, on the
-    same thread (never a PNG round trip). Not in the CPU phase's helper thread: two threads
-    running torch at once oversubscribe a CPU worker's cores (each has its own OpenMP team).
+    """A generation stage that also embeds each batch's pixels (never a PNG round trip), in the
+    phase :func:`_embeds_in_cpu_phase` picks; batches reach the embedding in order either way.
 
     An embedding failure never costs the generated shard: embedding stops for this shard, and the
     run's separate embedding step embeds it from its PNGs. Refused writes still stop the stage."""
 
-    def __init__(self, stage: TwoPhaseStage, aligned: embedded_samples.AlignedEmbeddings) -> None:
-        self.stage, self.aligned = stage, aligned
+    def __init__(self, stage: TwoPhaseStage, aligned: embedded_samples.AlignedEmbeddings, in_cpu_phase: bool) -> None:
+        self.stage, self.aligned, self.in_cpu_phase = stage, aligned, in_cpu_phase
         self.failure: str | None = None
 
     def generate(self, batch: Batch) -> Any:
         raw = self.stage.generate(batch)
-        ok = [STATUS_OK if raw.pixels is not None and raw.finite[i] else STATUS_ERROR for i in range(len(batch["seed"]))]
-        self.guarded(lambda: self.aligned.add(batch["sample_id"], batch["prompt_id"],
-                                              embedded_samples.from_pixels(raw.pixels, ok)))
+        if not self.in_cpu_phase:
+            self._embed(batch, raw)
         return raw
 
     def encode(self, batch: Batch, raw: Any) -> Batch:
-        return self.stage.encode(batch, raw)
+        rows = self.stage.encode(batch, raw)
+        if self.in_cpu_phase:
+            self._embed(batch, raw)
+        return rows
+
+    def _embed(self, batch: Batch, raw: Any) -> None:
+        # raw.finite is False for every row of a failed batch: the rows encode() marks as errors
+        self.guarded(lambda: self.aligned.add(batch["sample_id"], batch["prompt_id"],
+                                              embedded_samples.from_pixels(raw.pixels, raw.finite)))
 
     def guarded(self, work: Callable[[], Any]) -> None:
         """``work()`` unless embedding already failed for this shard; a failure is recorded."""
