@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from audit import __version__
+from audit import __version__, layout
 from audit.config import dump_config, load_config
 from audit.errors import MemauditError, StorageError, storage_error
 
@@ -159,7 +159,7 @@ def _testbed(args: argparse.Namespace) -> int:
         print(format_groups(train_and_package(args.out, spec, command, device=device)))
         print(args.out)
         return EXIT_OK
-    from audit.testbed.builtin import testbed_folder
+    from audit.testbed.checkpoints import testbed_folder
     from audit.testbed.package import remeasure
 
     folder = args.folder or testbed_folder()
@@ -179,11 +179,11 @@ def _run(args: argparse.Namespace) -> int:
     report = result.generation
     print(f"run: {result.location or result.run_path}")
     print(
-        f"samples: {report.samples_written} written this time ({report.shards_written} shards), "
+        f"samples: {report.rows_written} written this time ({report.shards_written} shards), "
         f"{report.shards_skipped} of {report.shards_total} shards already complete"
-        + (f", {report.images_per_second:.2f} images/s" if report.samples_written else "")
+        + (f", {report.rows_per_second:.2f} images/s" if report.rows_written else "")
     )
-    truncated = (json.loads((result.run_path / "run.json").read_text())["prompts"].get("truncated") or {})
+    truncated = (json.loads((result.run_path / layout.RUN_JSON).read_text())["prompts"].get("truncated") or {})
     if truncated.get("count"):
         print(f"prompts: {truncated['count']} longer than the text encoder's {truncated['max_tokens']} tokens, "
               f"truncated to them (run.json: prompts.truncated)")
@@ -191,21 +191,22 @@ def _run(args: argparse.Namespace) -> int:
     print(f"status: {totals.get('ok', 0)} ok, {totals.get('error', 0)} error "
           f"in {totals['complete_shards']} of {report.shards_total} complete shards")
     embedded = result.embeddings
-    during = f" ({embedded.shards_with_generation} while generating)" if embedded.shards_with_generation else ""
+    while_generating = embedded.counts["embedded_while_generating"]
+    during = f" ({while_generating} while generating)" if while_generating else ""
     print(f"embeddings: {embedded.shards_written} shards embedded now{during}, {embedded.shards_skipped} already current"
           + (f", {len(embedded.shards_failed)} failed" if embedded.shards_failed else ""))
-    if result.neighbors:
-        print(f"neighbors: {result.neighbors['shards_written']} shards joined now ({result.neighbors['queries']} "
-              f"queries), {result.neighbors['shards_skipped']} already current")
+    if result.neighbors is not None:
+        print(f"neighbors: {result.neighbors.shards_written} shards joined now ({result.neighbors.counts['queries']} "
+              f"queries), {result.neighbors.shards_skipped} already current")
     flagged, prompts = _flagged(result.run_path)
-    print(f"detection: {result.detection.get('shards_written', 0)} shards scored now; "
+    print(f"detection: {result.detection.shards_written} shards scored now; "
           f"memorized prompts: {flagged} of {prompts} scored (prompt_scores/, matches/)")
     if prompts and not args.no_report:
         from audit.report.build import write_report
 
         print(f"report: {write_report(result.location or result.run_path)}")
     failed = {**report.shards_failed, **{f"embeddings {k}": v for k, v in embedded.shards_failed.items()},
-              **{f"detection {k}": v for k, v in result.detection.get("failed", {}).items()}}
+              **{f"detection {k}": v for k, v in result.detection.shards_failed.items()}}
     if failed:
         first = next(iter(failed.items()))
         print(f"memaudit: {len(failed)} shards failed (e.g. {first[0]}: {first[1]}); "
@@ -221,7 +222,7 @@ def _run(args: argparse.Namespace) -> int:
 def _flagged(run_path: Path) -> tuple[int, int]:
     import pyarrow.parquet as pq
 
-    folder = run_path / "prompt_scores"
+    folder = run_path / layout.PROMPT_SCORES
     files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     if not files:
         return 0, 0
@@ -234,7 +235,7 @@ def _totals(run_path: Path, n_shards: int) -> dict[str, int]:
     from audit.store import RunStore
 
     names = [shard_name(i, n_shards) for i in range(n_shards)]
-    return RunStore(run_path).status_totals("samples", names)
+    return RunStore(run_path).status_totals(layout.SAMPLES, names)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from audit.cli_report import location
 from audit.config import AuditConfig
 from audit.errors import InputError
+from audit.location import Location
 
 
 def add_parser(commands: argparse._SubParsersAction, with_config: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -38,14 +40,11 @@ def add_parser(commands: argparse._SubParsersAction, with_config: Callable[[argp
 
 def run(args: argparse.Namespace, cfg: AuditConfig | None) -> int:
     """Object-store folders are worked on in their local mirror; what was written is published."""
-    from audit.remote import is_uri, working_copy
-
     with ExitStack() as stack:
         for name in ("folder", "out"):  # `embed` reads and writes object stores itself, shard by shard
             value = getattr(args, name, None)
-            if value is not None and is_uri(value) and args.action != "embed":
-                publish = args.action != "validate"
-                setattr(args, name, stack.enter_context(working_copy(str(value), publish)))
+            if value is not None and args.action != "embed":
+                setattr(args, name, stack.enter_context(value.working_copy(publish=args.action != "validate")))
         return _dispatch(args, cfg)
 
 
@@ -62,15 +61,18 @@ def _dispatch(args: argparse.Namespace, cfg: AuditConfig | None) -> int:
     return _testbed(cfg, args.out)
 
 
-def _embed(cfg: AuditConfig, source: str | Path, out: str | Path, address: str | None) -> int:
+def _embed(cfg: AuditConfig, source: Location | Path, out: Location | Path, address: str | None) -> int:
     from audit.pipeline.reference import embed_reference
 
     report = embed_reference(cfg, source, out, address)
-    rejected = ", ".join(f"{n} {reason}" for reason, n in report.rejected.most_common()) or "none"
+    rejected = Counter({k.removeprefix("rejected:"): n for k, n in report.counts.items() if k.startswith("rejected:")})
+    embedded = report.counts["rows_embedded"]
+    per_second = (embedded + sum(rejected.values())) / report.busy_s if report.busy_s else 0.0
     print(f"reference: {out}")
     print(f"shards: {report.shards_written} embedded now, {report.shards_skipped} of {report.shards_total} already "
-          f"complete; images embedded: {report.embedded}; rejected: {rejected}"
-          + (f"; {report.images_per_second:.1f} images/s" if report.window_s else ""))
+          f"complete; images embedded: {embedded}; rejected: "
+          + (", ".join(f"{n} {reason}" for reason, n in rejected.most_common()) or "none")
+          + (f"; {per_second:.1f} images/s" if report.busy_s else ""))
     if report.shards_failed:
         name, why = next(iter(report.shards_failed.items()))
         print(f"memaudit: {len(report.shards_failed)} shards failed (e.g. {name}: {why}); run again to retry them")
@@ -102,8 +104,6 @@ def _dups(cfg: AuditConfig, folder: Path) -> int:
 
 
 def _validate(folder: Path) -> int:
-    from collections import Counter
-
     from audit.reference.folder import validate_folder
 
     check = validate_folder(folder)
@@ -115,7 +115,7 @@ def _validate(folder: Path) -> int:
 
 
 def _testbed(cfg: AuditConfig, out: Path) -> int:
-    from audit.reference.testbed import SOURCE_DIR, write_shipped_training_set
+    from audit.reference.training_set import SOURCE_DIR, write_shipped_training_set
 
     if out.exists() and any(p.name != SOURCE_DIR for p in out.iterdir()) and not (out / "embedding.json").exists():
         raise InputError(f"{out}: folder exists and is not a reference folder; choose a new folder")

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+from audit.location import Location
 
 EXIT_GATE_FAILED = 4
 EXIT_VERIFY_FAILED = 5
 
 
-def location(text: str) -> str | Path:
-    """A command-line folder: an object-store URI stays a string (Path would fold its '//')."""
-    from audit.remote import is_uri
-
-    return text if is_uri(text) else Path(text)
+def location(text: str) -> Location:
+    """A command-line folder or file: a path, or an object-store URI."""
+    return Location.of(text)
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -62,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     import json
 
-    from audit.verify import verify_run
+    from audit.reconcile import verify_run
 
     result = verify_run(args.run)
     if args.json:

@@ -26,7 +26,7 @@ class StorageError(MemauditError):
 
 
 # Only errors a write can cause: a permission error may come from a read too (and an unwritable
-# run root is refused before any work, see audit.store.check_writable).
+# run root is refused before any work, see audit.location.Location.check_writable).
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 

@@ -1,4 +1,4 @@
-"""Stable identifiers and seeds (DESIGN §3).
+"""Stable identifiers and seeds (docs/architecture.md, "Contracts").
 
 A prompt's id is a hash of its normalised text, a sample's id is ``{prompt_id}-{sample_idx:05d}``,
 and a sample's seed is derived from (run seed, prompt_id, sample_idx) alone. Nothing here depends
@@ -29,17 +29,17 @@ def prompt_id(text: str) -> str:
     return digest[:PROMPT_ID_HEX]
 
 
-def sample_id(pid: str, sample_idx: int) -> str:
+def sample_id(prompt_hash: str, sample_idx: int) -> str:
     """Id of the ``sample_idx``-th sample of a prompt; sorts in sample order within a prompt."""
     if not 0 <= sample_idx < MAX_SAMPLES_PER_PROMPT:
         raise ValueError(f"sample_idx {sample_idx} outside [0, {MAX_SAMPLES_PER_PROMPT})")
-    return f"{pid}-{sample_idx:05d}"
+    return f"{prompt_hash}-{sample_idx:05d}"
 
 
-def sample_seed(run_seed: int, pid: str, sample_idx: int) -> int:
+def sample_seed(run_seed: int, prompt_hash: str, sample_idx: int) -> int:
     """Seed of one sample, a non-negative 63-bit integer (fits int64 columns and
     ``torch.Generator.manual_seed``)."""
-    material = f"memaudit-sample-seed:{run_seed}:{pid}:{sample_idx}".encode()
+    material = f"memaudit-sample-seed:{run_seed}:{prompt_hash}:{sample_idx}".encode()
     return int.from_bytes(hashlib.sha256(material).digest()[:8], "big") >> 1
 
 

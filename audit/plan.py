@@ -73,24 +73,24 @@ def plan_prompts(raw: RawPrompts, prompts_per_shard: int, limit: int | None = No
     counts: dict[str, int] = {}
     for position, text in enumerate(raw.prompts):
         normalized = ids.normalize_prompt(text)
-        pid = ids.prompt_id(normalized)
-        if pid in first:
-            if texts[pid] != normalized:
+        found_id = ids.prompt_id(normalized)
+        if found_id in first:
+            if texts[found_id] != normalized:
                 raise InputError(
-                    f"{raw.source}: prompts {texts[pid]!r} and {normalized!r} share id {pid} "
+                    f"{raw.source}: prompts {texts[found_id]!r} and {normalized!r} share id {found_id} "
                     "(hash collision); remove one of them"
                 )
-            counts[pid] += 1
+            counts[found_id] += 1
             continue
-        first[pid], texts[pid], counts[pid] = position, normalized, 1
+        first[found_id], texts[found_id], counts[found_id] = position, normalized, 1
     chosen = list(first)[:limit] if limit else list(first)
-    positions = [first[pid] for pid in chosen]
+    positions = [first[found_id] for found_id in chosen]
     columns = {
         "prompt_id": chosen,
-        "prompt": [texts[pid] for pid in chosen],
+        "prompt": [texts[found_id] for found_id in chosen],
         "shard": [i // prompts_per_shard for i in range(len(chosen))],
         "source_row": [raw.source_rows[p] for p in positions],
-        "n_occurrences": [counts[pid] for pid in chosen],
+        "n_occurrences": [counts[found_id] for found_id in chosen],
     }
     for column in ("key", "url"):
         values = raw.carried.get(column)

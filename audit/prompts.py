@@ -13,12 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from audit.config import PromptsSection
 from audit.errors import InputError
-from audit.remote import is_uri
-from audit.testbed.builtin import testbed_folder
+from audit.layout import DUPS_DIR
+from audit.location import Location
+from audit.testbed.checkpoints import testbed_folder
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +65,7 @@ def resolve_source(section: PromptsSection) -> tuple[Path, str]:
                 f"available: {', '.join('builtin:' + n for n in BUILTIN_SOURCES)}"
             )
         return BUILTIN_SOURCES[name], "txt"
-    if is_uri(source):  # an object (a prompt file) or a prefix (a parquet folder, a reference folder)
-        from audit.remote import materialize
-
-        path = materialize(source, "prompts.source")
-    else:
-        path = Path(source)
+    path = Location.of(source).materialize("prompts.source")  # a URI: an object or a prefix, mirrored here
     if not path.exists():
         raise InputError(f"prompts.source: {path} does not exist (give a .txt, .jsonl or .parquet file)")
     fmt = section.format
@@ -169,11 +167,22 @@ def _read_parquet(path: Path, text_column: str) -> RawPrompts:
 def _read_most_duplicated(path: Path, _text_column: str) -> RawPrompts:
     """Carlini et al.'s prompt selection: reference captions, most duplicated images first
     (``prompts.limit`` keeps the N most duplicated distinct captions)."""
-    from audit.reference.dups import most_duplicated
-
     table = most_duplicated(path)
     raw = RawPrompts(source=f"{path} (most duplicated)", carried={c: [] for c in CARRIED_COLUMNS})
     columns = table.select(["caption", "key", "url", "row"]).to_pydict()
     for caption, key, url, row in zip(columns["caption"], columns["key"], columns["url"], columns["row"]):
         raw.add(caption, int(row), {"key": key, "url": url})
     return raw
+
+
+def most_duplicated(root: Path) -> pa.Table:
+    """Every row of a reference folder with its caption, key, url and dup_count, most duplicated
+    first (ties by row), excluded rows left out: Carlini et al.'s prompt selection order (the
+    counts are written by `memaudit reference dups`)."""
+    folder = root / DUPS_DIR
+    files = sorted(folder.glob("dups_*.parquet")) if folder.is_dir() else []
+    if not files:
+        raise InputError(f"{root}: no {DUPS_DIR}/ counts; run `memaudit reference dups {root}` first")
+    table = pa.concat_tables([pq.read_table(p) for p in files])
+    table = table.filter(pc.greater_equal(table["dup_count"], 0))
+    return table.sort_by([("dup_count", "descending"), ("row", "ascending")])

@@ -1,7 +1,8 @@
-"""Run and reference roots on object storage (``s3://``, ``gs://``, any fsspec URI).
+"""Object storage (``s3://``, ``gs://``, any fsspec URI): one folder of a bucket, and copying
+folder trees between it and a local mirror.
 
-Every stage reads and writes files on local disk; a URI root is worked on through a **local
-mirror** (``<cache>/mirror/<scheme>/<bucket>/<key>``, the same path on every node) and the object
+Every stage reads and writes files on local disk; a URI is worked on through a **local mirror**
+(see :mod:`audit.location`, which is the only module that tells a URI from a path) and the object
 store is the truth. Writers publish a finished file with one PUT (an object appears whole or not
 at all), so a shard goes up first and its completion marker after it; readers pull what the
 object store holds. Cluster nodes therefore share nothing but the bucket, and a job retried on a
@@ -13,50 +14,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
 from audit.errors import InputError, StorageError
+from audit.files import MARKERS, atomic_file, write_bytes_atomic
+from audit.files import is_temporary as is_temporary_name
 
 log = logging.getLogger(__name__)
 
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 LAST_NAMES = ("manifest.json", "trained.json")  # published after everything else under a tree
 PULLED = ".memaudit-pulled.json"  # in a mirror: the object versions it was last pulled at
-
-
-def is_uri(location: str | Path) -> bool:
-    """True for ``scheme://…`` other than ``file://`` (a plain path is not a URI)."""
-    match = _SCHEME.match(str(location))
-    return bool(match) and match.group(1).lower() != "file"
-
-
-def local_path(location: str | Path) -> Path:
-    """A plain path or ``file://`` URI as a Path."""
-    return Path(re.sub(r"^file://", "", str(location)))
-
-
-def join(location: str | Path, *parts: str) -> str | Path:
-    """``location / part / …`` for a path or a URI (a Path stays a Path)."""
-    if not is_uri(location):
-        return local_path(location).joinpath(*parts)
-    return "/".join([str(location).rstrip("/"), *parts])
-
-
-def mirror_path(uri: str) -> Path:
-    """The local working copy of ``uri`` on this machine (same path on every node)."""
-    from audit.testbed.builtin import cache_root
-
-    scheme, rest = uri.split("://", 1)
-    parts = [p for p in rest.split("/") if p]
-    if any(p in (".", "..") for p in parts):
-        raise InputError(f"{uri}: '.' and '..' are not allowed in an object-store URI")
-    return cache_root() / "mirror" / scheme.lower() / Path(*parts)
 
 
 @contextmanager
@@ -149,14 +121,13 @@ class RemoteFolder:
 
     def download(self, rel: str, local: Path) -> None:
         """Fetch one object to ``local`` atomically (a temporary name, then a rename)."""
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            with _talking_to(self.uri, f"downloading {rel}"):
-                self.fs.get_file(self._key(rel), str(tmp))
-            os.replace(tmp, local)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_file(local, sync=False) as tmp, _talking_to(self.uri, f"downloading {rel}"):
+            self.fs.get_file(self._key(rel), str(tmp))
+
+    def is_single_object(self) -> bool:
+        """Whether the URI names one object rather than a prefix."""
+        with _talking_to(self.uri, "looking up"):
+            return bool(self.fs.isfile(self.root))
 
     def remove(self, rel: str) -> None:
         with _talking_to(self.uri, f"deleting {rel}"):
@@ -184,11 +155,12 @@ def _publish_order(rel: str) -> tuple[int, str]:
     name = rel.rsplit("/", 1)[-1]
     if name in LAST_NAMES:
         return 2, rel
-    return (1 if "/_markers/" in f"/{rel}" else 0), rel
+    return (1 if f"/{MARKERS}/" in f"/{rel}" else 0), rel
 
 
 def is_temporary(rel: str) -> bool:
-    return ".tmp-" in rel.rsplit("/", 1)[-1] or rel == PULLED
+    """A writer's temporary file, or the mirror's own bookkeeping: never published nor fetched."""
+    return is_temporary_name(rel) or rel == PULLED
 
 
 def pulled_versions(local: Path) -> dict[str, list[Any]]:
@@ -200,8 +172,6 @@ def pulled_versions(local: Path) -> dict[str, list[Any]]:
 
 
 def record_pulled(local: Path, pulled: dict[str, list[Any]]) -> None:
-    from audit.store import write_bytes_atomic
-
     write_bytes_atomic(local / PULLED, json.dumps(pulled, sort_keys=True).encode())
 
 
@@ -248,40 +218,3 @@ def push_tree(local: Path, remote: RemoteFolder, under: str = "",
         pulled, inventory = pulled_versions(local), remote.inventory(under)
         record_pulled(local, pulled | {rel: list(inventory[rel]) for rel in todo if rel in inventory})
     return len(todo)
-
-
-@contextmanager
-def working_copy(uri: str, publish: bool) -> Iterator[Path]:
-    """The local mirror of ``uri`` (pulled first) to work in; with ``publish``, what was written
-    is pushed back afterwards, also after a failure, so finished shards are kept for the next try."""
-    remote = RemoteFolder(uri)
-    local = mirror_path(remote.uri)
-    pull_tree(remote, local)
-    local.mkdir(parents=True, exist_ok=True)
-    before = local_state(local)
-    try:
-        yield local
-    finally:
-        if publish:
-            log.info("%s: published %d files from %s", remote.uri, push_tree(local, remote, since=before), local)
-
-
-def materialize(location: str | Path, what: str) -> Path:
-    """A local copy of ``location``: the path itself, or the pulled mirror of a URI (a folder,
-    or a single object: fetched again each time, it is small and may have changed)."""
-    if not is_uri(location):
-        return local_path(location)
-    uri = str(location).rstrip("/")
-    remote = RemoteFolder(uri)
-    local = mirror_path(uri)
-    with _talking_to(uri, "looking up"):
-        single = remote.fs.isfile(remote.root)
-    if single:
-        parent, name = uri.rsplit("/", 1)
-        RemoteFolder(parent).download(name, local)
-        return local
-    fetched = pull_tree(remote, local)
-    if not local.is_dir():
-        raise InputError(f"{what}: {uri} holds no files; check the URI (and the endpoint the credentials point at)")
-    log.info("%s: %s mirrored at %s (%d files fetched)", what, uri, local, fetched)
-    return local

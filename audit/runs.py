@@ -28,15 +28,16 @@ from audit.generate.tokens import truncated_prompts
 from audit.plan import PromptPlan, plan_prompts
 from audit.prompts import read_prompts
 from audit.redact import redact
-from audit.store import RunStore, check_writable, run_dir
+from audit import layout
+from audit.location import Location
+from audit.store import RunStore, run_location
 
 log = logging.getLogger(__name__)
 RUN_FORMAT = 1
-PROMPTS_FILE = "prompts.parquet"
 
 
 @dataclass(frozen=True)
-class PreparedInputs:
+class PreparedRun:
     """Checked inputs of a run."""
 
     cfg: AuditConfig
@@ -47,11 +48,11 @@ class PreparedInputs:
     truncated: dict[str, Any]
 
 
-def prepare_inputs(cfg: AuditConfig) -> PreparedInputs:
+def prepare_run(cfg: AuditConfig) -> PreparedRun:
     """Check the checkpoint and the prompts, hash the checkpoint, plan the shards."""
     if cfg.model.device != "auto":
         resolve_numerics(cfg.model, has_cuda=True)  # device/dtype clashes, before any cluster
-    check_writable(cfg.run.root, "run.root")
+    Location.of(cfg.run.root).check_writable("run.root")
     model, info = preflight(cfg.model, cfg.generation)
     raw = read_prompts(cfg.prompts)
     plan = plan_prompts(raw, cfg.generation.prompts_per_shard, cfg.prompts.limit)
@@ -62,7 +63,7 @@ def prepare_inputs(cfg: AuditConfig) -> PreparedInputs:
     truncated = truncated_prompts(model.folder, plan.table.column("prompt_id").to_pylist(),
                                   plan.table.column("prompt").to_pylist())
     log.info("hashing checkpoint %s", model.folder)
-    return PreparedInputs(cfg, model, info, checkpoint_digest(model.folder), plan, truncated)
+    return PreparedRun(cfg, model, info, checkpoint_digest(model.folder), plan, truncated)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -75,17 +76,17 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def open_run(inputs: PreparedInputs, device_type: str, dtype: str, force: bool = False) -> RunStore:
+def create_or_resume_run(prepared: PreparedRun, device_type: str, dtype: str, force: bool = False) -> RunStore:
     """Create the run folder (prompts table, then run.json) or reopen a matching one. A folder
     made with other settings is refused, or with ``force`` set aside (renamed, never deleted)."""
-    cfg = inputs.cfg
-    identity = cfg.result_identity(inputs.checkpoint["sha256"], inputs.plan.sha256, device_type, dtype)
+    cfg = prepared.cfg
+    identity = cfg.result_identity(prepared.checkpoint["sha256"], prepared.plan.sha256, device_type, dtype)
     digest = fingerprint(identity)
-    model_name = cfg.run.model_name or inputs.model.default_name
-    checkpoint_id = cfg.run.checkpoint_id or inputs.checkpoint["sha256"][:12]
+    model_name = cfg.run.model_name or prepared.model.default_name
+    checkpoint_id = cfg.run.checkpoint_id or prepared.checkpoint["sha256"][:12]
     run_id = cfg.run.run_id or digest[:12]
-    store = RunStore(run_dir(cfg.run.root, model_name, checkpoint_id, run_id))
-    check_writable(store.path, "run folder" if store.remote is None else "local mirror of the run")
+    store = RunStore(run_location(cfg.run.root, model_name, checkpoint_id, run_id))
+    Location.of(store.path).check_writable("local mirror of the run" if store.mirror else "run folder")
     store.sync()
     existing = store.read_json()
     if existing is not None:
@@ -94,17 +95,17 @@ def open_run(inputs: PreparedInputs, device_type: str, dtype: str, force: bool =
         except InputError:
             if not force:
                 raise
-            if store.remote is not None:
+            if store.mirror is not None:
                 raise InputError(f"{store.location}: --force cannot set a run aside on an object store (objects "
                                  "cannot be renamed); set another run.run_id instead") from None
             aside = store.path.with_name(f"{store.path.name}.superseded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
             store.path.rename(aside)
             log.warning("--force: the run folder made with other settings is kept as %s; starting it again", aside)
             existing = None
-    if not (store.table_dir("prompts") / PROMPTS_FILE).exists():
-        store.write_table("prompts", PROMPTS_FILE, inputs.plan.table)
+    if not (store.path / layout.prompts_file()).exists():
+        store.write_table(layout.PROMPTS, layout.PROMPTS_FILE, prepared.plan.table)
     if existing is None:
-        store.write_json(redact(_run_json(inputs, identity, digest, model_name, checkpoint_id, run_id)))
+        store.write_json(redact(_run_json(prepared, identity, digest, model_name, checkpoint_id, run_id)))
         log.info("new run %s", store.location)
     else:
         log.info("resuming run %s", store.location)
@@ -128,14 +129,14 @@ def _check_same_run(store: RunStore, existing: dict[str, Any], identity: dict[st
 
 
 def _run_json(
-    inputs: PreparedInputs,
+    prepared: PreparedRun,
     identity: dict[str, Any],
     digest: str,
     model_name: str,
     checkpoint_id: str,
     run_id: str,
 ) -> dict[str, Any]:
-    plan, cfg = inputs.plan, inputs.cfg
+    plan, cfg = prepared.plan, prepared.cfg
     return {
         "format": RUN_FORMAT,
         "run_id": run_id,
@@ -148,14 +149,14 @@ def _run_json(
         # Not "checkpoint": readers that detect hive partitions (DuckDB) add model, checkpoint
         # and run columns from the path, which would shadow a key of the same name.
         "pipeline": {
-            "ref": inputs.model.ref,
-            "kind": inputs.model.kind,
-            "folder": str(inputs.model.folder),
-            "pipeline_class": inputs.pipeline.class_name,
-            "scheduler": cfg.model.scheduler or inputs.pipeline.scheduler_class,
-            "content_sha256": inputs.checkpoint["sha256"],
-            "files": inputs.checkpoint["files"],
-            "bytes": inputs.checkpoint["bytes"],
+            "ref": prepared.model.ref,
+            "kind": prepared.model.kind,
+            "folder": str(prepared.model.folder),
+            "pipeline_class": prepared.pipeline.class_name,
+            "scheduler": cfg.model.scheduler or prepared.pipeline.scheduler_class,
+            "content_sha256": prepared.checkpoint["sha256"],
+            "files": prepared.checkpoint["files"],
+            "bytes": prepared.checkpoint["bytes"],
         },
         "prompts": {
             "source": cfg.prompts.source,
@@ -166,7 +167,7 @@ def _run_json(
             "n_shards": plan.n_shards,
             "samples_per_prompt": cfg.generation.samples_per_prompt,
             "n_samples": plan.n_prompts * cfg.generation.samples_per_prompt,
-            "truncated": inputs.truncated,
+            "truncated": prepared.truncated,
         },
         "environment": provenance.environment(),
     }

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from audit.config import AuditConfig, load_config
-from audit.remote import is_uri
-from audit.store import folder_safe
+from audit.files import folder_safe
+from audit.location import Location
 from audit.watch_state import WatchState, find_checkpoints, run_exists, signature, state_for
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class WatchReport:
     gate_failures: dict[str, list[str]] = field(default_factory=dict)
 
 
-def checkpoint_name(folder: str | Path, checkpoint: str | Path) -> str:
+def checkpoint_name(folder: str | Path | Location, checkpoint: str | Path | Location) -> str:
     base, here = str(folder).rstrip("/"), str(checkpoint).rstrip("/")
     rel = here[len(base):].strip("/") if here.startswith(base) else ""
     name = "--".join(p for p in rel.split("/") if p) if rel else here.rsplit("/", 1)[-1]
@@ -48,7 +48,7 @@ def watch(folder: str | Path, config: Path | None, overrides: list[str], model_n
           address: str | None = None, fail_if_new: bool = False, max_rate_increase: float | None = None) -> WatchReport:
     """Audit the new checkpoints under ``folder`` (a folder or an object-store prefix) and
     compare each with its predecessor."""
-    folder = str(folder).rstrip("/") if is_uri(folder) else Path(folder).resolve()
+    folder = Location.of(folder).absolute()
     base = load_config(config, overrides)  # bad config: refused before anything runs
     model = model_name or folder_safe(str(folder).rsplit("/", 1)[-1])
     state = state_for(base.run.root, model)
@@ -68,12 +68,12 @@ def watch(folder: str | Path, config: Path | None, overrides: list[str], model_n
     return report
 
 
-def _is_done(state: WatchState, name: str, checkpoint: str | Path) -> bool:
+def _is_done(state: WatchState, name: str, checkpoint: Location) -> bool:
     done = state.read(f"{name}.json")
     return done is not None and done.get("signature") == signature(checkpoint) and run_exists(done["run"])
 
 
-def _audit_one(state: WatchState, name: str, checkpoint: str | Path, config: Path | None, overrides: list[str],
+def _audit_one(state: WatchState, name: str, checkpoint: Location, config: Path | None, overrides: list[str],
                model: str, address: str | None, report: WatchReport) -> None:
     with state.lock(f"{name}.lock") as mine:
         if not mine:
@@ -100,7 +100,7 @@ def _audit(cfg: AuditConfig, address: str | None) -> str:
     from audit.report.build import write_report
 
     result = run_audit(cfg, address=address)
-    failed = {**result.generation.shards_failed, **result.embeddings.shards_failed, **result.detection.get("failed", {})}
+    failed = {**result.generation.shards_failed, **result.embeddings.shards_failed, **result.detection.shards_failed}
     if failed:
         raise RuntimeError(f"{len(failed)} shards failed (e.g. {next(iter(failed.items()))}); it is retried next time")
     write_report(result.location)

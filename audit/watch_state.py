@@ -26,9 +26,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+from audit import layout
 from audit.errors import InputError
-from audit.remote import RemoteFolder, is_uri, join
-from audit.store import write_bytes_atomic
+from audit.files import write_bytes_atomic
+from audit.location import Location
 
 log = logging.getLogger(__name__)
 STATE_DIR = ".watch"
@@ -45,9 +46,9 @@ class WatchState(Protocol):
     def lock(self, name: str) -> Any: ...  # a context manager yielding True when this invocation holds it
 
 
-def state_for(run_root: str | Path, model: str) -> WatchState:
-    location = join(run_root, STATE_DIR, model)
-    return BucketState(str(location)) if is_uri(location) else FolderState(Path(location))
+def state_for(run_root: str | Path | Location, model: str) -> WatchState:
+    where = Location.of(run_root).join(STATE_DIR, model)
+    return BucketState(where) if where.is_remote else FolderState(where.local)
 
 
 class FolderState:
@@ -87,8 +88,8 @@ def try_lock(path: Path) -> Iterator[bool]:
 
 
 class BucketState:
-    def __init__(self, uri: str) -> None:
-        self.remote = RemoteFolder(uri)
+    def __init__(self, where: str | Location) -> None:
+        self.remote = Location.of(where).remote
 
     def read(self, name: str) -> dict[str, Any] | None:
         data = self.remote.read(name)
@@ -131,32 +132,33 @@ class BucketState:
 
     @staticmethod
     def _holder() -> bytes:
-        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "taken_at": time.time()}).encode()
+        return json.dumps({"host": socket.gethostname(), "process_id": os.getpid(), "taken_at": time.time()}).encode()
 
 
-def find_checkpoints(folder: str | Path) -> list[str | Path]:
-    """Diffusers folders (holding ``model_index.json``) under ``folder`` (itself included), in
-    natural path order: a folder's paths, or a prefix's URIs."""
-    if is_uri(folder):
-        names = RemoteFolder(str(folder)).inventory()
+def find_checkpoints(where: str | Path | Location) -> list[Location]:
+    """Diffusers folders (holding ``model_index.json``) under ``where`` (itself included), in
+    natural path order."""
+    folder = Location.of(where)
+    if folder.is_remote:
+        names = folder.remote.inventory()
         rels = {rel.rsplit("/", 1)[0] if "/" in rel else "" for rel in names if rel.split("/")[-1] == "model_index.json"}
         rels = {r for r in rels if STATE_DIR not in r.split("/")}
-        return [join(folder, *r.split("/")) if r else str(folder).rstrip("/") for r in sorted(rels, key=natural_key)]
-    path = Path(folder)
+        return [folder.join(*r.split("/")) if r else folder for r in sorted(rels, key=natural_key)]
+    path = folder.local
     if not path.is_dir():
         raise InputError(f"watch: {path} is not a folder; pass the folder your training job writes checkpoints to")
     found = {p.parent for p in path.rglob("model_index.json") if STATE_DIR not in p.parts}
-    return sorted(found, key=lambda p: natural_key(str(p.relative_to(path))))
+    return [Location(p) for p in sorted(found, key=lambda p: natural_key(str(p.relative_to(path))))]
 
 
-def signature(checkpoint: str | Path) -> str:
+def signature(checkpoint: Location) -> str:
     """Names, sizes and mtimes (ETags in a bucket) of a checkpoint's files: changes when it is overwritten."""
     digest = hashlib.sha256()
-    if is_uri(checkpoint):
-        for rel, (size, version) in sorted(RemoteFolder(str(checkpoint)).inventory().items()):
+    if checkpoint.is_remote:
+        for rel, (size, version) in sorted(checkpoint.remote.inventory().items()):
             digest.update(f"{rel}\0{size}\0{version}\n".encode())
         return digest.hexdigest()[:16]
-    folder = Path(checkpoint)
+    folder = checkpoint.local
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         stat = path.stat()
         digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -165,6 +167,7 @@ def signature(checkpoint: str | Path) -> str:
 
 def run_exists(run: str) -> bool:
     """The run folder (path or URI) recorded in a done marker still holds its run.json."""
-    if is_uri(run):
-        return RemoteFolder(run).read("run.json") is not None
-    return (Path(run) / "run.json").is_file()
+    where = Location.of(run)
+    if where.is_remote:
+        return where.remote.read(layout.RUN_JSON) is not None
+    return (where.local / layout.RUN_JSON).is_file()

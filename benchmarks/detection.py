@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     from audit.cli import main as cli
-    from audit.testbed.builtin import testbed_folder
+    from audit.testbed.checkpoints import testbed_folder
 
     truth_table = pq.read_table(testbed_folder() / "ground_truth.parquet").to_pylist()
     truth = {r["prompt_id"]: (r["group"], r["duplicates"]) for r in truth_table}

@@ -50,7 +50,7 @@ def pure(cfg: AuditConfig) -> dict[str, float]:
     from generation import plain_loop
 
     from audit.embed.decode import Decoded
-    from audit.embed.stage import EmbedStage
+    from audit.embed.embedding import EmbedStage
 
     images: list[np.ndarray] = []
     n, gen_s = plain_loop(cfg, keep=images)
@@ -78,8 +78,8 @@ def ray_run(cfg: AuditConfig) -> dict[str, float]:
                                     ("neighbors", "neighbors"), ("detection", "prompt_scores"))}
     both = _markers(run, "samples") + _markers(run, "embeddings")
     span = max(m["finished_at"] for m in both) - min(m["started_at"] for m in both)
-    return {"samples": result.generation.samples_written, "wall_s": wall, "span_s": span,
-            "embedded_while_generating": result.embeddings.shards_with_generation, **windows}
+    return {"samples": result.generation.rows_written, "wall_s": wall, "span_s": span,
+            "embedded_while_generating": result.embeddings.counts["embedded_while_generating"], **windows}
 
 
 def main() -> None:

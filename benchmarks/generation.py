@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from audit.config import AuditConfig, load_config
-from audit.generate.images import to_uint8
+from audit.generate.png import to_uint8
 from audit.generate.loading import load_pipeline, resolve_numerics
 from audit.plan import plan_prompts, shard_samples
 from audit.prompts import read_prompts
@@ -106,7 +106,7 @@ def ray_path(cfg: AuditConfig) -> tuple[int, float, float]:
     result = run_audit(cfg)
     wall = time.perf_counter() - start
     report = result.generation
-    return report.samples_written, report.generation_window_s, wall
+    return report.rows_written, report.busy_s, wall
 
 
 def main() -> None:

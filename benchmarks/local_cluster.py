@@ -19,7 +19,7 @@ from pathlib import Path
 RAY = str(Path(sys.executable).parent / "ray")
 DRIVER = ("import resource, sys\nfrom audit.cli import main\ncode = main(sys.argv[1:])\n"
           "print('driver peak RSS KiB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(code)\n")
-ACTORS = ("ray::GenerationWorker", "ray::SampleEmbedWorker", "ray::IndexShardActor", "ray::DetectWorker")
+ACTORS = ("ray::StepWorker", "ray::IndexShardActor")  # every step runs in a StepWorker
 
 
 def _free_port() -> int:

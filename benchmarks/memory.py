@@ -1,7 +1,7 @@
 """Driver and actor peak memory as an audit grows from 1k to 100k samples.
 
 The driver holds the prompt plan, shard names and the small completion markers the actors
-return; images, embeddings and neighbours never pass through it. So its peak memory should stay
+return; images, embeddings and neighbors never pass through it. So its peak memory should stay
 flat (target: <= +10% from 1k to 100k samples) while the work grows 100x. Each size is a real
 `memaudit run` (tiny checkpoint, 1 step, no CFG, so that 100k samples fit a 2-core machine in
 minutes; the driver's work per sample does not depend on the model) against a Ray started once

@@ -48,7 +48,7 @@ def timed_audit(cfg: AuditConfig, cache: Path) -> dict[str, Any]:
     start = time.perf_counter()
     result = run_audit(cfg)
     write_report(result.location)
-    return {"wall_s": time.perf_counter() - start, "samples_written": result.generation.samples_written,
+    return {"wall_s": time.perf_counter() - start, "samples_written": result.generation.rows_written,
             "location": result.location}
 
 
@@ -63,13 +63,13 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from audit.pipeline import connect
-    from audit.reference.builtin import resolve_reference
-    from audit.testbed.builtin import builtin_checkpoint
+    from audit.pipeline.reference import prepare_reference
+    from audit.testbed.checkpoints import builtin_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="memaudit-bench-s3-"))
     shared = work / "cache-builtin"  # the testbed checkpoint and reference, built once, copied by path
     os.environ["MEMAUDIT_CACHE"] = str(shared)
-    paths = (builtin_checkpoint("testbed"), resolve_reference("builtin:testbed"))
+    paths = (builtin_checkpoint("testbed"), prepare_reference("builtin:testbed"))
     rounds = []
     with s3_server() as env, environment(env):
         client = s3(env)

@@ -94,7 +94,7 @@ def bench_embedding(args: argparse.Namespace) -> dict[str, float]:
     from PIL import Image
 
     from audit.config import EmbeddingSection
-    from audit.embed.stage import EmbedStage
+    from audit.embed.embedding import EmbedStage
 
     rng = np.random.default_rng(0)
     pngs = []

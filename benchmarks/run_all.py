@@ -37,6 +37,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "detection": (["--per-group", "8", "--samples", "4"], []),
     "object_store": ([], []),
     "denoiser_variants": ([], ["--arch", "sd15", "--size", "512", "--batch-size", "16"]),
+    "cliques": ([], []),
 }
 
 
@@ -80,6 +81,13 @@ def headline(name: str, result: dict[str, Any]) -> str:
     if name == "object_store":
         return (f"S3 run root {result['s3_vs_local']:.3f}x the local-disk wall time ({result['samples']} samples, "
                 f"{result['objects']} objects); no-op resume on an empty cache {result['resume_s']:.1f} s")
+    if name == "cliques":
+        graphs = list(result["graphs"].values())
+        spans = {method: [g[key] for g in graphs if key in g] for method, key in
+                 (("max_weight_clique", "nx_vs_hand"), ("find_cliques", "nx_enum_vs_hand"))}
+        return ("networkx " + ", ".join(f"{m} {min(r):.1f}-{max(r):.1f}x" for m, r in spans.items() if r) +
+                f" the hand-written search's time at {result['samples']} samples; same size on "
+                f"{sum(g['agree'] for g in graphs)}/{len(graphs)} graphs")
     return ", ".join(f"{k}" for k in list(result)[:4])
 
 

@@ -12,7 +12,7 @@ import torch
 from audit.config import GenerationSection, ModelSection
 from audit.errors import InputError
 from audit.generate.loading import checkpoint_digest, load_pipeline, preflight, resolve_model
-from audit.testbed.builtin import builtin_checkpoint
+from audit.testbed.checkpoints import builtin_checkpoint
 from audit.testbed.tokenizer import clip_tokenizer
 
 TEXTS = [

@@ -131,7 +131,7 @@ def test_audit_submitted_through_the_jobs_api_on_two_nodes_then_resubmitted(clus
     run = Path(next(line for line in logs.splitlines() if line.startswith("run: ")).removeprefix("run: "))
     markers = [json.loads(p.read_text()) for p in sorted((run / "samples" / "_markers").glob("*.json"))]
     assert len(markers) == 4 and sum(m["rows"] for m in markers) == 8
-    assert len({m["pid"] for m in markers}) == 2  # two generation actors, one per 1-CPU node
+    assert len({m["process_id"] for m in markers}) == 2  # two generation actors, one per 1-CPU node
     assert (run / "prompt_scores").is_dir() and (run / "report" / "index.html").is_file()
     stamps = {p: p.stat().st_mtime_ns for p in (run / "samples").glob("*.parquet")}
 
@@ -143,7 +143,7 @@ def test_audit_submitted_through_the_jobs_api_on_two_nodes_then_resubmitted(clus
 
 @pytest.mark.slow  # ~100 s (two submissions, two nodes, every file through the bucket); run with --run-slow
 def test_object_store_audit_on_two_nodes_sharing_only_the_bucket_then_resubmitted(cluster: dict) -> None:
-    from audit.testbed.builtin import builtin_checkpoint
+    from audit.testbed.checkpoints import builtin_checkpoint
 
     nodes = json.loads(subprocess.run([sys.executable, "-c", NODES, cluster["gcs"]], env=cluster["env"], check=True,
                                       capture_output=True, text=True, timeout=120).stdout.strip().splitlines()[-1])
@@ -160,7 +160,7 @@ def test_object_store_audit_on_two_nodes_sharing_only_the_bucket_then_resubmitte
     key = uri.removeprefix("s3://")
     markers = [json.loads(client.cat(k)) for k in sorted(client.find(f"{key}/samples/_markers"))]
     assert len(markers) == 4 and sum(m["rows"] for m in markers) == 8
-    assert len({m["pid"] for m in markers}) == 2  # two generation actors, one per node
+    assert len({m["process_id"] for m in markers}) == 2  # two generation actors, one per node
     assert client.exists(f"{key}/prompt_scores/_markers/shard-00003.json") and client.exists(f"{key}/report/index.html")
     mirrors = {node: cache / "mirror" / "s3" / key for node, cache in cluster["caches"].items()}
     assert all(len(list((m / "samples").glob("*.parquet"))) >= 1 for m in mirrors.values())  # each node wrote its own
@@ -186,7 +186,7 @@ def test_losing_a_worker_node_mid_run_still_completes_every_sample_once(cluster:
         sys.executable, str(REPO / "jobs" / "run.py"), str(cfg))
     deadline, pids = time.time() + 300, set()
     while time.time() < deadline and len(pids) < 2:  # both generation actors busy (each finished a shard)
-        pids = {json.loads(p.read_text())["pid"] for p in (tmp / "node-loss").glob("*/*/*/samples/_markers/*.json")}
+        pids = {json.loads(p.read_text())["process_id"] for p in (tmp / "node-loss").glob("*/*/*/samples/_markers/*.json")}
         time.sleep(0.1)
     assert len(pids) == 2
     raylets = [p for p in psutil.process_iter(["cmdline"]) if "raylet" in " ".join(p.info["cmdline"] or [])[:200]

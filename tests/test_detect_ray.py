@@ -62,7 +62,7 @@ def test_join_over_ivf_shards_keeps_recall(ray_local: str, tmp_path: Path) -> No
 
 @pytest.fixture(scope="module")
 def testbed_run(ray_local: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from audit.testbed.builtin import testbed_folder
+    from audit.testbed.checkpoints import testbed_folder
 
     tmp = tmp_path_factory.mktemp("detect")
     assert main(["-q", "reference", "testbed", str(tmp / "ref")]) == 0

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from audit.config import EmbeddingSection
-from audit.embed.models import describe, load_embedder
-from audit.embed.stage import EmbedStage
+from audit.embed.models import load_embedder, model_id_of
+from audit.embed.embedding import EmbedStage
 from audit.errors import InputError
 from images import bad_and_odd_images, encode, photo
 
@@ -53,7 +53,7 @@ class TinyCopyDetector(torch.nn.Module):
 def test_open_clip_local_dir_model_loads_and_embeds(tiny_open_clip: Path) -> None:
     section = EmbeddingSection(kind="open_clip", model=f"local-dir:{tiny_open_clip}", device="cpu")
     embedder = load_embedder(section)
-    assert embedder.dim == 32 and embedder.model_id == describe(section)
+    assert embedder.dim == 32 and embedder.model_id == model_id_of(section)
     rows = embedder.embed_images([photo(1), photo(2), photo(1)])
     assert rows.shape == (3, 32)
     assert np.allclose(np.linalg.norm(rows, axis=1), 1, atol=1e-5)

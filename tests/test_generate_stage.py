@@ -10,8 +10,8 @@ import torch
 
 from audit import ids
 from audit.config import AuditConfig, load_config
-from audit.generate.images import decode_png
-from audit.generate.stage import GenerateStage
+from audit.generate.png import decode_png
+from audit.generate.sampling import GenerateStage
 from audit.plan import ShardSpec, shard_samples
 from helpers import PROMPTS
 
@@ -48,7 +48,7 @@ def test_outputs_one_lossless_png_per_row(stage: GenerateStage) -> None:
     assert len({bytes(p) for p in out["image_png"]}) == 8  # every seed gives its own image
 
 
-def test_pixels_do_not_depend_on_position_or_neighbours(stage: GenerateStage) -> None:
+def test_pixels_do_not_depend_on_position_or_neighbors(stage: GenerateStage) -> None:
     """With one batch size, a sample's bytes are the same alone, first, last or among others."""
     rows = _rows(n_prompts=2, samples=4)
     together = stage(rows)
@@ -156,9 +156,9 @@ def test_embedding_while_generating_writes_what_embedding_afterwards_writes(
     import pyarrow.parquet as pq
 
     from audit.embed import samples as embedded
-    from audit.embed.stage import EmbedStage
-    from audit.generate import shard as generating
-    from audit.generate.shard import generate_shard
+    from audit.embed.embedding import EmbedStage
+    from audit.generate import generate_step as generating
+    from audit.generate.generate_step import generate_shard
     from audit.store import RunStore
 
     assert not generating._embeds_in_cpu_phase(EmbedStage(load_config(None, []).embedding, "cpu"))
@@ -180,7 +180,7 @@ def test_embedding_while_generating_writes_what_embedding_afterwards_writes(
     store = RunStore(tmp_path / "run")
 
     marker = generate_shard(generator, store, cfg, shard, embed)
-    assert marker["embedded"] == embed.model_id and marker["status_counts"] == {"ok": 8, "error": 4}
+    assert marker["embedded_while_generating"] == embed.model_id and marker["status_counts"] == {"ok": 8, "error": 4}
     written = store.read_marker(embedded.TABLE, shard.name)
     assert written["during"] == "generation" and written["rows"] == 12
     assert store.is_current(embedded.TABLE, shard.name, embedded.inputs(store, shard.name, embed.model_id))
@@ -202,8 +202,8 @@ def test_embedding_while_generating_writes_what_embedding_afterwards_writes(
 
 def test_an_embedding_failure_while_generating_keeps_the_generated_shard(tiny_checkpoint: Path, tmp_path: Path) -> None:
     from audit.embed import samples as embedded
-    from audit.embed.stage import EmbedStage
-    from audit.generate.shard import generate_shard
+    from audit.embed.embedding import EmbedStage
+    from audit.generate.generate_step import generate_shard
     from audit.store import RunStore
 
     cfg = _cfg(tiny_checkpoint, "compute.batch_size=4", "embedding.batch_size=4")
@@ -222,7 +222,7 @@ def test_an_embedding_failure_while_generating_keeps_the_generated_shard(tiny_ch
     shard = ShardSpec(0, "shard-00000", tuple(ids.prompt_id(p) for p in prompts), prompts)
     store = RunStore(tmp_path / "run")
     marker = generate_shard(GenerateStage(cfg, "cpu", "float32"), store, cfg, shard, embed)
-    assert "embedded" not in marker and marker["status_counts"] == {"ok": 12}
+    assert "embedded_while_generating" not in marker and marker["status_counts"] == {"ok": 12}
     assert store.is_complete("samples", shard.name)
     assert store.read_marker(embedded.TABLE, shard.name) is None
     assert not list((tmp_path / "run" / embedded.TABLE).glob("*.parquet*"))  # nothing partial left behind

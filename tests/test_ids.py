@@ -1,4 +1,4 @@
-"""Ids and seeds depend only on text, run seed and sample index (DESIGN §3)."""
+"""Ids and seeds depend only on text, run seed and sample index (docs/architecture.md, "Contracts")."""
 
 from __future__ import annotations
 

@@ -166,8 +166,8 @@ def test_embedding_folder_of_another_model_is_refused(webdataset_reference: dict
 
 
 def test_testbed_training_set_becomes_a_reference_set_with_one_command(ray_local: str, tmp_path: Path) -> None:
-    from audit.reference.dups import most_duplicated
-    from audit.reference.testbed import item_key
+    from audit.prompts import most_duplicated
+    from audit.reference.training_set import item_key
 
     out = tmp_path / "testbed-ref"
     assert main(["reference", "testbed", str(out)]) == 0

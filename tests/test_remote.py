@@ -17,7 +17,8 @@ import pytest
 
 from audit.cli import main
 from audit.errors import StorageError
-from audit.store import RunStore, check_writable
+from audit.location import Location
+from audit.store import RunStore
 from helpers import PROMPTS, environment, free_port, s3, s3_server, write_config
 
 BUCKET = "memaudit-test"
@@ -130,11 +131,11 @@ def test_invalidate_removes_the_marker_from_the_bucket_first(server: dict, node)
 
 def test_a_missing_bucket_or_an_unreachable_endpoint_is_refused_clearly(server: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(StorageError, match=r"run.root s3://no-such-bucket-here/runs: the bucket does not exist"):
-        check_writable("s3://no-such-bucket-here/runs", "run.root")
+        Location.of("s3://no-such-bucket-here/runs").check_writable("run.root")
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nobody listens there
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     with pytest.raises(StorageError) as caught:
-        check_writable(f"s3://{BUCKET}/runs", "run.root")
+        Location.of(f"s3://{BUCKET}/runs").check_writable("run.root")
     text = str(caught.value)
     assert f"s3://{BUCKET}/runs" in text and "AWS_ENDPOINT_URL" in text and "\n" not in text, text
 
@@ -162,7 +163,7 @@ def test_reference_index_built_in_a_bucket(server: dict, node, tmp_path: Path) -
     assert manifest["count"] == 300 and all(f"{BUCKET}/laion/index/{s['file']}" in after for s in manifest["shards"])
 
     node("b")  # another machine searches the published index
-    from audit.reference.builtin import resolve_reference
+    from audit.reference.locate import resolve_reference
     from audit.reference.search import ReferenceIndex
 
     scores, rows = ReferenceIndex(resolve_reference(f"s3://{BUCKET}/laion")).search(vectors[:5], 1, model_id="synthetic")
@@ -172,11 +173,11 @@ def test_reference_index_built_in_a_bucket(server: dict, node, tmp_path: Path) -
 @pytest.fixture(scope="module")
 def s3_audit(server: dict, ray_local: str, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The checkpoint and the testbed reference uploaded; an audit with every root in the bucket."""
-    from audit.reference.builtin import resolve_reference
+    from audit.pipeline.reference import prepare_reference
 
     client = s3(server)
     client.put(str(tiny_checkpoint), f"{BUCKET}/models/tiny-sd", recursive=True)
-    client.put(str(resolve_reference("builtin:testbed")), f"{BUCKET}/reference/testbed", recursive=True)
+    client.put(str(prepare_reference("builtin:testbed")), f"{BUCKET}/reference/testbed", recursive=True)
     folder = tmp_path_factory.mktemp("s3-audit")
     client.pipe(f"{BUCKET}/prompts/audit.txt", ("\n".join(PROMPTS[:4]) + "\n").encode())
     cfg = write_config(folder / "audit.yaml", run={"root": f"s3://{BUCKET}/runs", "seed": 0},
@@ -265,7 +266,7 @@ def test_a_bucket_lock_is_held_once_and_a_dead_holders_lock_expires(server: dict
         assert again  # released by its holder
     import time
 
-    stale = {"host": "gone", "pid": 1, "taken_at": time.time() - LOCK_TTL_S - 60}
+    stale = {"host": "gone", "process_id": 1, "taken_at": time.time() - LOCK_TTL_S - 60}
     s3(server).pipe(f"{BUCKET}/locks/model=m/step-2.lock", json.dumps(stale).encode())
     with state.lock("step-2.lock") as taken:
         assert taken
@@ -317,7 +318,7 @@ def test_reference_embedded_from_a_bucket_into_a_bucket_reads_its_images_back_an
     from audit.reference.images import ReferenceImages
     from audit.reference.index import INDEX_DIR, load_manifest
     from audit.reference.sources import find_shards, read_chunks
-    from audit.reference.testbed import write_shipped_training_set
+    from audit.reference.training_set import write_shipped_training_set
 
     client = s3(server)
     source = write_shipped_training_set(tmp_path / "testbed")  # img2dataset webdataset shards
@@ -334,7 +335,7 @@ def test_reference_embedded_from_a_bucket_into_a_bucket_reads_its_images_back_an
     assert marker["source"] == f"s3://{BUCKET}/i2d/{find_shards(source)[0].path.name}"
 
     node("elsewhere")  # a machine that never saw the source folder reads the pixels back through the bucket
-    from audit.reference.builtin import resolve_reference
+    from audit.reference.locate import resolve_reference
 
     root = resolve_reference(f"s3://{BUCKET}/ref")
     images = ReferenceImages(root, load_manifest(root / INDEX_DIR))
@@ -347,16 +348,14 @@ def test_reference_embedded_from_a_bucket_into_a_bucket_reads_its_images_back_an
 
 
 def test_a_mirror_fetches_an_object_rewritten_with_the_same_size(server: dict, node) -> None:
-    from audit.remote import materialize
-
     client = s3(server)
     client.pipe(f"{BUCKET}/small/index/manifest.json", b'{"v": 1}')
     client.pipe(f"{BUCKET}/small/img_emb/a.npy", b"0123456789")
     node("a")
-    local = materialize(f"s3://{BUCKET}/small", "reference.path")
+    local = Location.of(f"s3://{BUCKET}/small").materialize("reference.path")
     assert (local / "index" / "manifest.json").read_bytes() == b'{"v": 1}'
     client.pipe(f"{BUCKET}/small/index/manifest.json", b'{"v": 2}')  # same size, new content
-    assert materialize(f"s3://{BUCKET}/small", "reference.path") == local
+    assert Location.of(f"s3://{BUCKET}/small").materialize("reference.path") == local
     assert (local / "index" / "manifest.json").read_bytes() == b'{"v": 2}'
     assert (local / "img_emb" / "a.npy").read_bytes() == b"0123456789"
 

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from audit.cli import main
-from audit.store import RunStore, file_sha256
+from audit.files import file_sha256
+from audit.store import RunStore
 
 HOSTILE = ('<script>document.body.dataset.pwned="1"</script> a cat <img src=x '
            'onerror="document.body.dataset.pwned=2"> & "quotes"')
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def demo(ray_local: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from audit.testbed.builtin import testbed_folder
+    from audit.testbed.checkpoints import testbed_folder
 
     tmp = tmp_path_factory.mktemp("report")
     truth = pq.read_table(testbed_folder() / "ground_truth.parquet").to_pylist()

@@ -115,7 +115,7 @@ def test_rerun_resumes_without_regenerating(first_run: dict, capsys: pytest.Capt
 def test_samples_are_embedded_in_an_aligned_table(first_run: dict) -> None:
     from audit.config import EmbeddingSection
     from audit.embed.samples import TABLE
-    from audit.embed.stage import EmbedStage
+    from audit.embed.embedding import EmbedStage
     from audit.embed.storage import decode_embeddings
 
     run: Path = first_run["run"]
@@ -204,7 +204,7 @@ def test_generation_actor_killed_mid_run_is_replaced_and_the_result_is_identical
     proc = subprocess.Popen([sys.executable, "-m", "audit.cli", "-q", "run", str(cfg), "--address", ray_address],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     markers = _wait_for_marker(tmp_path / "runs", proc)
-    workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::GenerationWorker" in " ".join(p.info["cmdline"] or [])]
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::StepWorker" in " ".join(p.info["cmdline"] or [])]
     assert markers and workers, proc.communicate()[0].decode(errors="replace")
     for worker in workers:
         worker.kill()  # SIGKILL while it generates its next shard

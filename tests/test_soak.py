@@ -20,7 +20,7 @@ import pytest
 from audit.cli import main
 from helpers import write_config
 
-ACTORS = ("ray::GenerationWorker", "ray::SampleEmbedWorker", "ray::IndexShardActor", "ray::DetectWorker")
+ACTORS = ("ray::StepWorker", "ray::IndexShardActor")  # every step runs in a StepWorker
 N_PROMPTS, SAMPLES_PER_PROMPT = 1250, 8
 
 

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from audit.batching import batches, run_batches
-from audit.store import RunStore, run_dir, write_bytes_atomic
+from audit.files import write_bytes_atomic
+from audit.store import RunStore, run_location
 
 SCHEMA = pa.schema([pa.field("sample_id", pa.string()), pa.field("status", pa.string()),
                     pa.field("error", pa.string()), pa.field("value", pa.int64())])
@@ -29,7 +30,7 @@ def _rows(start: int, n: int, status: str = "ok") -> dict[str, np.ndarray]:
 
 
 def test_run_dir_is_hive_style(tmp_path: Path) -> None:
-    assert run_dir(tmp_path, "sd15", "abc", "r1") == tmp_path / "model=sd15" / "checkpoint=abc" / "run=r1"
+    assert run_location(tmp_path, "sd15", "abc", "r1").local == tmp_path / "model=sd15" / "checkpoint=abc" / "run=r1"
 
 
 def test_commit_publishes_file_then_marker(tmp_path: Path) -> None:

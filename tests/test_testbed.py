@@ -12,12 +12,12 @@ import pytest
 from audit import ids
 from audit.similarity import tiled_l2
 from audit.testbed import card
-from audit.testbed import builtin
+from audit.testbed import checkpoints
 from audit.testbed.dataset import DatasetSpec, build_dataset, training_entries
 from audit.testbed.evaluate import EXTRACTION_THRESHOLD, generate_for
 from audit.testbed.train import spec_from_dict
 
-TRAINED = builtin.testbed_folder()
+TRAINED = checkpoints.testbed_folder()
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_dataset_is_deterministic_distinct_and_counted() -> None:
 def test_committed_pipeline_loads_offline_with_from_pretrained() -> None:
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
-    folder = builtin.builtin_checkpoint("testbed")
+    folder = checkpoints.builtin_checkpoint("testbed")
     assert folder == TRAINED / "pipeline"
     pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True)
     assert isinstance(pipe, StableDiffusionPipeline)

@@ -52,9 +52,9 @@ def largest_clique(adjacency: np.ndarray, budget: int = 200_000) -> Clique:
     n = len(adjacency)
     if n == 0:
         return Clique((), True, 0)
-    neighbours = [sum(1 << int(j) for j in np.flatnonzero(adjacency[i])) for i in range(n)]
+    neighbors = [sum(1 << int(j) for j in np.flatnonzero(adjacency[i])) for i in range(n)]
     upper = degeneracy(adjacency) + 1
-    best = _greedy(neighbours, n)
+    best = _greedy(neighbors, n)
     expansions = 0
     stack = [(0, (1 << n) - 1, 0)]  # (clique R, candidates P, excluded X) as bitsets
     exhausted = False
@@ -70,10 +70,10 @@ def largest_clique(adjacency: np.ndarray, budget: int = 200_000) -> Clique:
         if expansions > budget:
             exhausted = True
             break
-        pivot = max(_members(p | x), key=lambda u: _popcount(p & neighbours[u]))
-        for v in _members(p & ~neighbours[pivot]):
+        pivot = max(_members(p | x), key=lambda u: _popcount(p & neighbors[u]))
+        for v in _members(p & ~neighbors[pivot]):
             bit = 1 << v
-            stack.append((r | bit, p & neighbours[v], x & neighbours[v]))
+            stack.append((r | bit, p & neighbors[v], x & neighbors[v]))
             p &= ~bit
             x |= bit
         if _popcount(best) >= upper:
@@ -83,15 +83,15 @@ def largest_clique(adjacency: np.ndarray, budget: int = 200_000) -> Clique:
     return Clique(members, exact, len(members) if exact else upper)
 
 
-def _greedy(neighbours: list[int], n: int) -> int:
+def _greedy(neighbors: list[int], n: int) -> int:
     """A quick lower bound: grow a clique from each node by highest remaining degree."""
     best = 0
     for start in range(n):
-        clique, candidates = 1 << start, neighbours[start]
+        clique, candidates = 1 << start, neighbors[start]
         while candidates:
-            v = max(_members(candidates), key=lambda u: _popcount(candidates & neighbours[u]))
+            v = max(_members(candidates), key=lambda u: _popcount(candidates & neighbors[u]))
             clique |= 1 << v
-            candidates &= neighbours[v]
+            candidates &= neighbors[v]
         if _popcount(clique) > _popcount(best):
             best = clique
     return best

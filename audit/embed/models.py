@@ -21,8 +21,8 @@ from PIL import Image
 
 from audit.config import EmbeddingSection
 from audit.errors import InputError
-from audit.generate.completeness import PICKLE_SUFFIXES
-from audit.store import file_sha256
+from audit.weight_files import PICKLE_SUFFIXES
+from audit.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def resolve_device(device: str) -> str:
 def load_embedder(section: EmbeddingSection, device: str = "auto") -> Embedder:
     """Load the configured model (see :class:`audit.config.EmbeddingSection`)."""
     device = resolve_device(device if device != "auto" else section.device)
-    model_id = describe(section)  # also checks that the file or built-in exists
+    model_id = model_id_of(section)  # also checks that the file or built-in exists
     if section.kind == "open_clip":
         return _open_clip(section, device, model_id)
     if section.kind == "torchscript":
@@ -70,7 +70,7 @@ def load_embedder(section: EmbeddingSection, device: str = "auto") -> Embedder:
     return BUILTINS[section.model](device)
 
 
-def describe(section: EmbeddingSection) -> str:
+def model_id_of(section: EmbeddingSection) -> str:
     """The model id an embedder of ``section`` will have, without loading weights."""
     if section.kind == "open_clip":
         return f"open_clip:{section.model}:{_weights_tag(section.pretrained)}"
@@ -149,7 +149,7 @@ def _probe_dim(model: Any, preprocess: Callable[[Image.Image], torch.Tensor], de
 
 def _builtin_testbed_copy(device: str) -> Embedder:
     from audit.testbed import descriptor
-    from audit.testbed.builtin import cached_build
+    from audit.files import cached_build
 
     path = cached_build("testbed-copy-v1.pt", descriptor.save_descriptor)
     return _torchscript(path, descriptor.SIZE, descriptor.MEAN, descriptor.STD, device, "builtin:testbed-copy")

@@ -5,7 +5,7 @@ marker is written (their sha256 is in it), so embedding never rewrites image byt
 embedding model is a re-run of this step, not of generation; and analysts join on ``sample_id``.
 
 A shard is embedded either while it is generated (:class:`AlignedEmbeddings` fed with the pixels
-as they leave the generation stage, see :mod:`audit.generate.shard`) or afterwards from its PNG
+as they leave the generation stage, see :mod:`audit.generate.generate_step`) or afterwards from its PNG
 bytes (:func:`embed_shard`). Both group rows the same way, so they write the same bits.
 """
 
@@ -18,14 +18,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from audit import layout
+from audit.config import AuditConfig
 from audit.embed.decode import Decoded, decode_image
-from audit.embed.stage import EmbedStage
+from audit.embed.embedding import EmbedStage
 from audit.embed.storage import embedding_field, encode_embeddings
+from audit.location import Location
 from audit.schema import STATUS_ERROR, STATUS_OK
 from audit.store import RunStore
 
-TABLE = "embeddings"
-SOURCE = "samples"
+TABLE = layout.EMBEDDINGS
+SOURCE = layout.SAMPLES
 NOT_GENERATED = "no image: generation failed for this sample"
 
 
@@ -115,6 +118,21 @@ def embed_shard(stage: EmbedStage, store: RunStore, shard: str, **extra: object)
             aligned.add(rows["sample_id"], rows["prompt_id"], decoded)
         aligned.finish()
         return writer.commit(**commit_fields(stage, store, shard), **extra)
+
+
+class EmbedSamplesStep:
+    """The sample-embedding step: one embedding model; a task (a shard name) embeds that complete
+    samples/ shard from its PNGs (shards not embedded while they were generated)."""
+
+    def __init__(self, cfg: AuditConfig, run: Location, device: str) -> None:
+        self.store = RunStore(run)
+        self.stage = EmbedStage(cfg.embedding, device)
+
+    def describe(self) -> dict[str, object]:
+        return {"model_id": self.stage.model_id}
+
+    def run(self, task: str) -> dict[str, object]:
+        return embed_shard(self.stage, self.store, task)
 
 
 def commit_fields(stage: EmbedStage, store: RunStore, shard: str) -> dict[str, object]:

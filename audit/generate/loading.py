@@ -18,9 +18,9 @@ from typing import Any
 
 from audit.config import GenerationSection, ModelSection
 from audit.errors import InputError
-from audit.remote import is_uri
-from audit.generate.completeness import PICKLE_SUFFIXES, check_complete
-from audit.store import folder_safe
+from audit.location import Location
+from audit.weight_files import PICKLE_SUFFIXES, check_complete
+from audit.files import folder_safe
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,12 @@ def resolve_model(section: ModelSection) -> ResolvedModel:
     """Locate the configured checkpoint, building a built-in one or downloading a hub one."""
     ref = section.path
     if ref.startswith("builtin:"):
-        from audit.testbed.builtin import builtin_checkpoint
+        from audit.testbed.checkpoints import builtin_checkpoint
 
         return ResolvedModel(ref, builtin_checkpoint(ref.removeprefix("builtin:")), "builtin")
-    if is_uri(ref):  # every node mirrors it into its own cache (only missing files are fetched)
-        from audit.remote import materialize
-
-        folder = materialize(ref, "model.path")
+    where = Location.of(ref)
+    if where.is_remote:  # every node mirrors it into its own cache (only missing files are fetched)
+        folder = where.materialize("model.path")
         if not (folder / "model_index.json").is_file():
             raise InputError(f"model.path: {ref} has no model_index.json, so it is not a diffusers pipeline "
                              "folder (upload one saved with pipeline.save_pretrained)")

@@ -1,4 +1,4 @@
-"""The Ray wiring: the one package that knows about Ray (DESIGN §5). Stages stay Ray-free.
+"""The Ray wiring: the one package that knows about Ray (docs/architecture.md, "Layers"). Stages stay Ray-free.
 
 Names are imported on first use, so an actor whose class lives in a light module (the index
 shard actors of the kNN join) does not pull in torch and diffusers with the package.
@@ -11,7 +11,6 @@ from typing import Any
 
 _EXPORTS = {
     "AuditResult": "audit.pipeline.audit",
-    "GenerationReport": "audit.pipeline.audit",
     "run_audit": "audit.pipeline.audit",
     "LOOPBACK": "audit.pipeline.ray_setup",
     "connect": "audit.pipeline.ray_setup",

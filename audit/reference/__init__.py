@@ -1,1 +1,1 @@
-"""The training-set ("reference") side in the LAION / clip-retrieval layout (DESIGN §3)."""
+"""The training-set ("reference") side in the LAION / clip-retrieval layout (docs/architecture.md, "Contracts")."""

@@ -4,7 +4,7 @@ Memorized training images are overwhelmingly the duplicated ones (Carlini et al.
 Somepalli et al. 2023: 34x vs 11.6x on average), so Carlini's prompt selection ranks captions by
 how many near-duplicates their image has. Each item's count is the number of *other* indexed
 items with cosine >= ``threshold``, found over every shard by a faiss range search (exact Flat
-shards) or by the exactly re-ranked k nearest neighbours, k growing until the threshold is
+shards) or by the exactly re-ranked k nearest neighbors, k growing until the threshold is
 crossed (approximate shards). Written as ``dups/dups_{i}.parquet``, aligned with
 ``metadata/metadata_{i}.parquet``.
 """
@@ -16,15 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from audit.progress import Progress
 from audit.reference.search import IndexShard, ReferenceIndex
-from audit.store import write_parquet_atomic
+from audit.files import write_parquet_atomic
+from audit.layout import DUPS_DIR
 
 log = logging.getLogger(__name__)
-DUPS_DIR = "dups"
 QUERY_BLOCK = 4096
 
 
@@ -88,17 +87,3 @@ def write_dups(root: Path, reference: ReferenceIndex, threshold: float) -> dict[
             bucket = "excluded" if value < 0 else str(int(value))
             histogram[bucket] = histogram.get(bucket, 0) + 1
     return histogram
-
-
-def most_duplicated(root: Path) -> pa.Table:
-    """Every reference row with its caption, key, url and dup_count, most duplicated first
-    (ties by row), excluded rows left out: Carlini et al.'s prompt selection order."""
-    folder = root / DUPS_DIR
-    files = sorted(folder.glob("dups_*.parquet")) if folder.is_dir() else []
-    if not files:
-        from audit.errors import InputError
-
-        raise InputError(f"{root}: no {DUPS_DIR}/ counts; run `memaudit reference dups {root}` first")
-    table = pa.concat_tables([pq.read_table(p) for p in files])
-    table = table.filter(pc.greater_equal(table["dup_count"], 0))
-    return table.sort_by([("dup_count", "descending"), ("row", "ascending")])

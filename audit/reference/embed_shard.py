@@ -8,21 +8,20 @@ the marker comes last, so a crash leaves the shard to be redone, never half-publ
 
 from __future__ import annotations
 
-import json
-import socket
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from audit.embed.stage import EmbedStage
-from audit.reference.folder import emb_path, marker_path, meta_path, rejected_path, save_npy_atomic
-from audit.reference.sources import SourceShard, read_chunks
-from audit.store import write_bytes_atomic, write_parquet_atomic
+from audit.config import AuditConfig
+from audit.embed.embedding import EmbedStage
+from audit.files import encode_marker, marker_fields, save_npy_atomic, write_bytes_atomic, write_parquet_atomic
+from audit.location import Location
+from audit.reference.folder import emb_path, marker_path, meta_path, rejected_path
+from audit.reference.sources import SourceShard, fetch, read_chunks
 
 METADATA = pa.schema([
     pa.field("key", pa.string()),
@@ -48,14 +47,28 @@ def _write_parquet(path: Path, rows: dict[str, list[Any]], schema: pa.Schema) ->
     return write_parquet_atomic(path, pa.Table.from_pydict(rows, schema=schema))
 
 
-Publish = Callable[[list[Path], Path, bytes], None]  # (data files, marker path, marker bytes)
+class ReferenceEmbedStep:
+    """The reference-embedding step: one embedding model; a task ``(source shard, index)`` embeds
+    that img2dataset shard into file pair ``index`` of the reference folder ``out`` (on object
+    storage: fetched and published by the worker itself)."""
+
+    def __init__(self, cfg: AuditConfig, out: Location, device: str) -> None:
+        self.out = out
+        self.stage = EmbedStage(cfg.embedding, device)
+
+    def describe(self) -> dict[str, Any]:
+        return {"model_id": self.stage.model_id}
+
+    def run(self, task: tuple[SourceShard, int]) -> dict[str, Any]:
+        shard, index = task
+        return embed_source_shard(self.stage, self.out, fetch(shard), index)
 
 
-def embed_source_shard(stage: EmbedStage, root: Path, shard: SourceShard, index: int,
-                       chunk_rows: int = 256, publish: Publish | None = None, **extra: Any) -> dict[str, Any]:
-    """Embed every row of ``shard`` and publish file pair ``index``; returns the marker.
-    ``publish``, when given, uploads the files and then the marker before the local marker is
-    written."""
+def embed_source_shard(stage: EmbedStage, out: Location, shard: SourceShard, index: int,
+                       chunk_rows: int = 256) -> dict[str, Any]:
+    """Embed every row of ``shard`` and publish file pair ``index``; returns the marker. In an
+    object-store folder the files, then the marker, are uploaded before the local marker is written."""
+    root = out.local
     started = time.time()
     marker_path(root, index).unlink(missing_ok=True)
     vectors: list[np.ndarray] = []
@@ -66,44 +79,31 @@ def embed_source_shard(stage: EmbedStage, root: Path, shard: SourceShard, index:
         for i, err in enumerate(rows["download_error"]):
             if err is not None:
                 _reject(rejected, rows, i, "download", err, shard.name)
-        out = stage({"image": np.array([rows["image"][i] for i in downloaded], dtype=object)})
-        ok = [j for j, err in enumerate(out["error"]) if err is None]
-        for j, err in enumerate(out["error"]):
+        embedded = stage({"image": np.array([rows["image"][i] for i in downloaded], dtype=object)})
+        ok = [j for j, err in enumerate(embedded["error"]) if err is None]
+        for j, err in enumerate(embedded["error"]):
             if err is not None:
                 _reject(rejected, rows, downloaded[j], "decode", err, shard.name)
         for j in ok:
             i = downloaded[j]
             for name in ("key", "url", "caption"):
                 meta[name].append(rows[name][i])
-            meta["width"].append(int(out["width"][j]))
-            meta["height"].append(int(out["height"][j]))
-            meta["note"].append(out["note"][j])
+            meta["width"].append(int(embedded["width"][j]))
+            meta["height"].append(int(embedded["height"][j]))
+            meta["note"].append(embedded["note"][j])
             meta["source_shard"].append(shard.name)
-        vectors.append(out["embedding"][ok])
+        vectors.append(embedded["embedding"][ok])
     matrix = np.concatenate(vectors) if vectors else np.zeros((0, stage.dim), np.float16)
     emb_bytes = save_npy_atomic(emb_path(root, index), matrix.astype(np.float16))
     meta_bytes = _write_parquet(meta_path(root, index), meta, METADATA)
     _write_parquet(rejected_path(root, index), rejected, REJECTED)
-    marker = {
-        "index": index,
-        "source": shard.source,
-        "source_format": shard.format,
-        "embedded": int(matrix.shape[0]),
-        "rejected": len(rejected["key"]),
-        "rejected_by_reason": dict(Counter(rejected["reason"])),
-        "model_id": stage.model_id,
-        "dim": stage.dim,
-        "emb_bytes": emb_bytes,
-        "meta_bytes": meta_bytes,
-        "started_at": started,
-        "finished_at": time.time(),
-        "host": socket.gethostname(),
-        **extra,
-    }
-    data = json.dumps(marker, indent=2).encode()
-    if publish is not None:  # the object store first: a local marker implies a published shard
-        publish([emb_path(root, index), meta_path(root, index), rejected_path(root, index)],
-                marker_path(root, index), data)
+    marker = marker_fields(started, index=index, source=shard.source, source_format=shard.format,
+                           rows_embedded=int(matrix.shape[0]), rows_rejected=len(rejected["key"]),
+                           rejected_by_reason=dict(Counter(rejected["reason"])), model_id=stage.model_id,
+                           dim=stage.dim, emb_bytes=emb_bytes, meta_bytes=meta_bytes)
+    data = encode_marker(marker)
+    out.publish_with_marker([emb_path(root, index), meta_path(root, index), rejected_path(root, index)],
+                            marker_path(root, index), data)  # the object store first (when out is one)
     write_bytes_atomic(marker_path(root, index), data)
     return marker
 

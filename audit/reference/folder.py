@@ -10,9 +10,7 @@ model id and dimension). Existing LAION folders have only the first two and are 
 from __future__ import annotations
 
 import json
-import os
 import re
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +19,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from audit.errors import InputError
-from audit.store import write_bytes_atomic
+from audit.files import MARKERS, write_bytes_atomic
 
-EMB_DIR, META_DIR, REJECTED_DIR, MARKERS_DIR = "img_emb", "metadata", "rejected", "_markers"
+EMB_DIR, META_DIR, REJECTED_DIR = "img_emb", "metadata", "rejected"
 EMBEDDING_JSON = "embedding.json"
 _EMB = re.compile(r"^img_emb_(\d+)\.npy$")
 NORM_TOLERANCE = 1e-2
@@ -42,22 +40,7 @@ def rejected_path(root: Path, index: int) -> Path:
 
 
 def marker_path(root: Path, index: int) -> Path:
-    return root / MARKERS_DIR / f"{index}.json"
-
-
-def save_npy_atomic(path: Path, array: np.ndarray) -> int:
-    """``np.save`` to a temporary name, fsync, rename; returns the file size."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with tmp.open("wb") as handle:
-            np.save(handle, array)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path.stat().st_size
+    return root / MARKERS / f"{index}.json"
 
 
 def read_embedding_json(root: Path) -> dict[str, Any] | None:

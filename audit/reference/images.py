@@ -2,7 +2,7 @@
 
 A folder written by ``memaudit reference embed`` records, per file, the img2dataset shard it came
 from (``_markers/{i}.json: source``) and, per row, its ``key``; the image is read from that shard
-(one shard cached at a time per reader: neighbours of one prompt tend to share shards). Folders of
+(one shard cached at a time per reader: neighbors of one prompt tend to share shards). Folders of
 precomputed LAION embeddings have no images; rows there come back as None.
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from audit.files import MARKERS
 from audit.reference.sources import SourceShard, read_chunks, source_shard
 from audit.reference.vectors import VectorStore
 
@@ -45,7 +46,7 @@ class ReferenceImages:
         return self._sources[position]
 
     def _find_source(self, position: int) -> SourceShard | None:
-        marker = self.root / "_markers" / f"{self.files[position]['index']}.json"
+        marker = self.root / MARKERS / f"{self.files[position]['index']}.json"
         if not marker.is_file():
             return None
         info = json.loads(marker.read_text())

@@ -3,7 +3,7 @@
 Exact ``Flat`` up to ``reference.flat_max_vectors``; above it ``IVF{nlist},SQ8`` (8-bit scalar
 codes, one byte per dimension), whose candidates are re-ranked at search time against the exact
 float16 vectors of the folder itself (memory-mapped, see :mod:`audit.reference.vectors`). SQ8 was
-chosen over PQ because on hard (near-equidistant) neighbours PQ's ranking needs tens of times
+chosen over PQ because on hard (near-equidistant) neighbors PQ's ranking needs tens of times
 more re-ranked candidates for the same recall, which costs more than the scan it saves
 (``benchmarks/knn_join.py``); for billions of vectors set e.g. ``IVF65536,PQ192x4fs`` with a
 larger ``rerank``. Any faiss factory string may be configured.
@@ -31,9 +31,9 @@ import pyarrow as pa
 from audit.config import ReferenceSection
 from audit.errors import InputError
 from audit.progress import Progress
-from audit.reference.folder import FolderCheck, save_npy_atomic, validate_folder
+from audit.reference.folder import FolderCheck, validate_folder
 from audit.reference.vectors import VectorStore
-from audit.store import tmp_path, write_bytes_atomic, write_parquet_atomic
+from audit.files import atomic_file, save_npy_atomic, write_bytes_atomic, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 INDEX_DIR = "index"
@@ -139,13 +139,8 @@ def _trained(out: Path, factory: str, dim: int, store: VectorStore, rows: np.nda
 
 
 def _write_index_atomic(index: faiss.Index, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    try:
+    with atomic_file(path, sync=False) as tmp:
         faiss.write_index(index, str(tmp))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _build_shard(out: Path, j: int, start: int, end: int, store: VectorStore, excluded: np.ndarray,

@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from audit.errors import InputError
-from audit.remote import RemoteFolder, is_uri, mirror_path
+from audit.location import Location
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _SHARD = re.compile(r"^(\d+)\.(tar|parquet)$")
@@ -43,15 +43,14 @@ class SourceShard:
         return f"{self.origin}/{self.path.name}" if self.origin else str(self.path)
 
 
-def find_shards(folder: str | Path, fmt: str = "auto") -> list[SourceShard]:
+def find_shards(folder: str | Path | Location, fmt: str = "auto") -> list[SourceShard]:
     """The shards of an img2dataset output folder (or object-store prefix), in shard order. The
     files of a prefix's shards are fetched by :func:`fetch` where a shard is read."""
-    if is_uri(folder):
-        origin = str(folder).rstrip("/")
-        local = mirror_path(origin)
-        names = [local / rel for rel in RemoteFolder(origin).listing() if "/" not in rel]
+    where = Location.of(folder)
+    origin, local = where.uri, where.local
+    if where.is_remote:
+        names = [local / rel for rel in where.remote.listing() if "/" not in rel]
     else:
-        origin, local = None, Path(folder)
         if not local.is_dir():
             raise InputError(f"{folder}: not a folder; give an img2dataset output folder")
         names = list(local.iterdir())
@@ -74,7 +73,7 @@ def fetch(shard: SourceShard) -> SourceShard:
     FileNotFoundError if its images are gone, a missing metadata file is dropped."""
     if shard.origin is None:
         return shard
-    remote = RemoteFolder(shard.origin)
+    remote = Location.of(shard.origin).remote
     if not shard.path.is_file():
         remote.download(shard.path.name, shard.path)
     if shard.meta is not None and not shard.meta.is_file():
@@ -87,15 +86,16 @@ def fetch(shard: SourceShard) -> SourceShard:
 
 def source_shard(source: str, fmt: str) -> SourceShard | None:
     """The shard a marker's ``source`` names (a path or a URI), readable here; None if it is gone."""
-    if is_uri(source):
-        origin, name = source.rsplit("/", 1)
-        path = mirror_path(origin) / name
+    where = Location.of(source)
+    if where.is_remote:
+        origin = str(where).rsplit("/", 1)[0]
+        path = where.local
         meta = path.with_suffix(".parquet") if fmt == "webdataset" else None
         try:
             return fetch(SourceShard(path.stem, fmt, path, meta, origin))
         except FileNotFoundError:  # the shard is gone
             return None
-    path = Path(source)
+    path = where.local
     if not path.exists():
         return None
     meta = path.with_suffix(".parquet") if fmt == "webdataset" else None

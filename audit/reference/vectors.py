@@ -1,7 +1,7 @@
 """Global row numbers over an embedding folder, and exact vectors fetched by row (memory-mapped).
 
 Row ``g`` of a folder is row ``g - first_row[i]`` of ``img_emb_{i}.npy`` for the file ``i`` whose
-range holds it; index shards, neighbours and duplicate counts all speak in these rows, and the
+range holds it; index shards, neighbors and duplicate counts all speak in these rows, and the
 manifest records each file's ``first_row`` so a row maps back to its metadata ``key``.
 """
 

@@ -12,16 +12,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from audit.errors import InputError
 from audit.report import html as H
 from audit.report import plots
-from audit.report.similarity import generated_to_train, train_to_train
+from audit.report.baseline import generated_to_train, train_to_train
 from audit.report.stats import LABELS, best_labels, summarise
-from audit.report.tables import complete_table, open_run, prompt_texts, require
-from audit.remote import is_uri, join, push_tree
-from audit.store import write_bytes_atomic
+from audit.report.tables import complete_table, read_run, prompt_texts, require
+from audit import layout
+from audit.location import Location
+from audit.remote import push_tree
+from audit.files import write_bytes_atomic
 
 log = logging.getLogger(__name__)
-REPORT_DIR = "report"
+REPORT_DIR = layout.REPORT
 PROMPT_COLUMNS = (
     ("prompt", "prompt"), ("n_samples", "samples"), ("score", "score"), ("flagged", "flagged"),
     ("n_matching", "matching verbatim"), ("n_retrieved", "retrieved verbatim"), ("n_template", "template"),
@@ -30,14 +33,14 @@ PROMPT_COLUMNS = (
 )
 
 
-def write_report(run_path: str | Path, gallery_size: int = 24, baseline_size: int = 2000) -> str | Path:
+def write_report(run_path: str | Path | Location, gallery_size: int = 24, baseline_size: int = 2000) -> Location:
     """Write the report of a run (re-written from the current tables on every call); an
     object-store run's report is published to its ``report/`` prefix. Returns index.html's place."""
-    store, info = open_run(run_path)
-    scores = require(store, "prompt_scores")
-    samples = require(store, "samples", ["sample_id", "prompt_id", "status"])
-    matches = complete_table(store, "matches")
-    neighbors = complete_table(store, "neighbors", ["sample_id", "rank", "row", "score"])
+    store, info = read_run(run_path)
+    scores = require(store, layout.PROMPT_SCORES)
+    samples = require(store, layout.SAMPLES, ["sample_id", "prompt_id", "status"])
+    matches = complete_table(store, layout.MATCHES)
+    neighbors = complete_table(store, layout.NEIGHBORS, ["sample_id", "rank", "row", "score"])
     prompt_text = prompt_texts(store)
     reference = _reference(info)
     out = store.path / REPORT_DIR
@@ -64,24 +67,24 @@ def write_report(run_path: str | Path, gallery_size: int = 24, baseline_size: in
                     for r in rows if r["flagged"]],
     })
     write_bytes_atomic(out / "summary.json", json.dumps(summary, indent=2).encode())
-    document = H.page(f"memaudit report — {info.get('model_name')} {info.get('checkpoint_id')}",
-                      _body(info, summary, pairs, figures, rows))
+    document = _document(info, summary, pairs, figures, rows)
     write_bytes_atomic(out / "index.html", document.encode())
-    if store.remote is not None:
-        push_tree(store.path, store.remote, REPORT_DIR)
-        return join(store.location, REPORT_DIR, "index.html")
-    return out / "index.html"
+    if store.where.is_remote:
+        push_tree(store.path, store.where.remote, REPORT_DIR)
+        return store.where.join(REPORT_DIR, "index.html")
+    return Location(out / "index.html")
 
 
 def _reference(info: dict[str, Any]) -> Path | None:
     path = info["config"]["reference"].get("path")
     if not path:
         return None
-    if str(path).startswith("builtin:") or is_uri(path):
-        from audit.reference.builtin import resolve_reference
+    from audit.reference.locate import resolve_reference
 
+    try:  # a reference not on this machine (a built-in one never built here) leaves the baseline out
         return resolve_reference(str(path))
-    return Path(path) if Path(path).is_dir() else None
+    except InputError:
+        return None
 
 
 def _quantiles(values: np.ndarray) -> dict[str, float] | None:
@@ -120,7 +123,7 @@ def _gallery(store: Any, matches: pa.Table | None, reference: Path | None, promp
     top = sorted(chosen.values(), key=lambda m: (order[m["label"]], m["tiled_l2"], m["sample_id"]))[:size]
     if not top:
         return []
-    images = complete_table(store, "samples", ["sample_id", "image_png"], [m["sample_id"] for m in top])
+    images = complete_table(store, layout.SAMPLES, ["sample_id", "image_png"], [m["sample_id"] for m in top])
     generated = dict(zip(images.column("sample_id").to_pylist(), images.column("image_png").to_pylist())) \
         if images is not None else {}
     ref_images: dict[int, tuple[str | None, str | None, bytes | None]] = {}
@@ -143,57 +146,28 @@ def _gallery(store: Any, matches: pa.Table | None, reference: Path | None, promp
     return pairs
 
 
-def _body(info: dict[str, Any], summary: dict[str, Any], pairs: list[dict[str, Any]], figures: dict[str, Path],
-          rows: list[dict[str, Any]]) -> str:
-    cfg = info["config"]
-    e = H.esc
-    parts = [
-        f"<h1>Memorization audit: {e(info.get('model_name'))}</h1>",
-        f'<p class="meta">checkpoint {e(info.get("checkpoint_id"))} · run {e(info.get("run_id"))} · '
-        f"{e(info.get('created_at'))} · model {e(cfg['model']['path'])} · {e(cfg['generation']['samples_per_prompt'])} "
-        f"samples per prompt, {e(cfg['generation']['steps'])} steps, guidance {e(cfg['generation']['guidance_scale'])}"
-        f" · reference {e(summary['reference'] or 'none')}</p>",
-        '<h2 id="summary">Summary</h2><div class="cards">',
-        _card("prompts", summary["prompts"], f"{summary['samples']} samples, {summary['samples_error']} failed"),
-        _rate_card("flagged prompts", summary["flagged_prompts"]),
-    ]
-    for label in LABELS:
-        parts.append(_rate_card(f"samples: {label.replace('_', ' ')}", summary["samples_by_label"][label]))
-    parts.append("</div>")
-    parts.append(f'<p class="meta">Rates with 95% Wilson intervals. A prompt is flagged when its score reaches '
-                 f"{e(summary['thresholds']['flag_score'])}; a pair is a verbatim copy below tiled L2 "
-                 f"{e(summary['thresholds']['match_l2'])}.</p>")
-    parts.append(f'<h2 id="gallery-title">Strongest verified pairs ({len(pairs)})</h2><div class="gallery" id="gallery">')
-    for p in pairs:
-        parts.append(
-            f'<figure class="pair" data-sample="{e(p["sample_id"])}">'
-            + _img(p["generated_uri"], "generated") + _img(p["training_uri"], "training image")
-            + f'<figcaption><b class="label-{e(p["label"])}">{e(p["label"].replace("_", " "))}</b> · tiled L2 '
-              f'{p["tiled_l2"]:.3f} · cosine {p["cosine"]:.3f} · split-product {p["split_product"]:.3f}<br>'
-              f'<i>prompt:</i> <span class="prompt">{e(p["prompt"])}</span><br><i>training key:</i> {e(p["key"])}'
-              + (f'<br><i>training caption:</i> <span class="caption">{e(p["caption"])}</span>' if p["caption"] else "")
-            + "</figcaption></figure>")
-    if not pairs:
-        parts.append("<p>No verified copies.</p>")
-    parts.append('</div><h2 id="plots-title">Distributions</h2><div class="plots" id="plots">')
-    for name, path in figures.items():
-        parts.append(f'<p><img id="plot-{e(name)}" alt="{e(name)} plot" src="{H.file_data_uri(path.read_bytes())}"></p>')
-    parts.append(f'</div><h2 id="prompts-title">Prompts ({len(rows)})</h2><p class="meta">Click a heading to sort.</p>')
-    parts.append(H.sortable_table("prompts", PROMPT_COLUMNS, rows, row_class="flagged"))
-    return "".join(parts)
+def _document(info: dict[str, Any], summary: dict[str, Any], pairs: list[dict[str, Any]],
+              figures: dict[str, Path], rows: list[dict[str, Any]]) -> str:
+    """The report page (``templates/report.html.j2``): run settings, headline cards, the gallery of
+    verified pairs, the plots inlined as data URIs and the sortable table of prompts."""
+    return H.render(
+        "report.html.j2", f"memaudit report — {info.get('model_name')} {info.get('checkpoint_id')}",
+        run=summary["run"], config=info["config"], summary=summary, cards=_cards(summary), pairs=pairs,
+        plots={name: H.file_data_uri(path.read_bytes()) for name, path in figures.items()},
+        prompts=H.sortable_table("prompts", PROMPT_COLUMNS, rows, row_class="flagged"))
 
 
-def _img(uri: str | None, alt: str) -> str:
-    if uri is None:
-        return f'<span class="missing">({H.esc(alt)} not available)</span>'
-    return f'<span class="shot"><img alt="{H.esc(alt)}" src="{uri}"><small>{H.esc(alt)}</small></span>'
+def _cards(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The headline cards: prompts, then flagged prompts and samples by best verified label, each a
+    rate with its 95% Wilson interval."""
+    cards = [{"title": "prompts", "value": summary["prompts"],
+              "note": f"{summary['samples']} samples, {summary['samples_error']} failed"},
+             _rate_card("flagged prompts", summary["flagged_prompts"])]
+    return cards + [_rate_card(f"samples: {label.replace('_', ' ')}", summary["samples_by_label"][label])
+                    for label in LABELS]
 
 
-def _card(title: str, value: Any, note: str) -> str:
-    return f'<div class="card"><span>{H.esc(title)}</span><b>{H.esc(value)}</b><span>{H.esc(note)}</span></div>'
-
-
-def _rate_card(title: str, r: dict[str, Any]) -> str:
+def _rate_card(title: str, r: dict[str, Any]) -> dict[str, str]:
     low, high = r["ci95"]
-    return _card(title, f"{r['count']} / {r['of']}",
-                 f"{100 * r['rate']:.1f}% (95% CI {100 * low:.1f}–{100 * high:.1f}%)")
+    return {"title": title, "value": f"{r['count']} / {r['of']}",
+            "note": f"{100 * r['rate']:.1f}% (95% CI {100 * low:.1f}–{100 * high:.1f}%)"}

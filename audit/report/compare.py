@@ -11,20 +11,22 @@ from typing import Any
 
 from audit.report import html as H
 from audit.report.stats import LABELS, summarise
-from audit.report.tables import complete_table, open_run, prompt_texts, require
-from audit.remote import RemoteFolder, is_uri, join, mirror_path, push_tree
-from audit.store import write_bytes_atomic
+from audit.report.tables import complete_table, read_run, prompt_texts, require
+from audit import layout
+from audit.location import Location
+from audit.remote import push_tree
+from audit.files import write_bytes_atomic
 
 SETTINGS = ("generation", "detection", "embedding")
 
 
 def _load(path: str | Path) -> dict[str, Any]:
-    store, info = open_run(path)
-    scores = require(store, "prompt_scores")
-    samples = require(store, "samples", ["sample_id", "prompt_id", "status"])
+    store, info = read_run(path)
+    scores = require(store, layout.PROMPT_SCORES)
+    samples = require(store, layout.SAMPLES, ["sample_id", "prompt_id", "status"])
     return {
         "info": info, "path": store.full_location,
-        "summary": summarise(scores, samples, complete_table(store, "matches")),
+        "summary": summarise(scores, samples, complete_table(store, layout.MATCHES)),
         "flags": dict(zip(scores.column("prompt_id").to_pylist(), (bool(f) for f in scores.column("flagged").to_pylist()))),
         "score": dict(zip(scores.column("prompt_id").to_pylist(), scores.column("score").to_pylist())),
         "text": prompt_texts(store),
@@ -69,19 +71,20 @@ def gate(result: dict[str, Any], fail_if_new: bool, max_rate_increase: float | N
     return reasons
 
 
-def write_compare(result: dict[str, Any], out: str | Path) -> str | Path:
-    """Write compare.json and index.html to ``out`` (a folder or an object-store URI)."""
-    local = mirror_path(str(out)) if is_uri(out) else Path(out)
-    write_bytes_atomic(local / "compare.json", json.dumps(result, indent=2).encode())
-    write_bytes_atomic(local / "index.html", H.page("memaudit compare", _body(result)).encode())
-    if is_uri(out):
-        push_tree(local, RemoteFolder(str(out)))
-    return join(out, "index.html")
+def write_compare(result: dict[str, Any], out: str | Path | Location) -> Location:
+    """Write compare.json and index.html to ``out`` (a folder or an object-store prefix); returns
+    where index.html is."""
+    where = Location.of(out)
+    write_bytes_atomic(where.local / "compare.json", json.dumps(result, indent=2).encode())
+    write_bytes_atomic(where.local / "index.html", _document(result).encode())
+    if where.is_remote:
+        push_tree(where.local, where.remote)
+    return where.join("index.html")
 
 
-def default_out(path_b: str | Path, result: dict[str, Any]) -> str | Path:
+def default_out(path_b: str | Path | Location, result: dict[str, Any]) -> Location:
     a = result["a"]
-    return join(path_b, "compare", f"vs-{a['model_name']}-{a['checkpoint_id']}-{a['run_id']}")
+    return Location.of(path_b).join(layout.COMPARE, f"vs-{a['model_name']}-{a['checkpoint_id']}-{a['run_id']}")
 
 
 def _meta(run: dict[str, Any]) -> dict[str, Any]:
@@ -106,32 +109,24 @@ def _differences(ca: dict[str, Any], cb: dict[str, Any]) -> dict[str, list[Any]]
     return found
 
 
-def _body(result: dict[str, Any]) -> str:
-    e = H.esc
-    a, b = result["a"], result["b"]
-    parts = [
-        "<h1>Memorization audit: comparison</h1>",
-        f'<p class="meta">A: {e(a["model_name"])} checkpoint {e(a["checkpoint_id"])} run {e(a["run_id"])}<br>'
-        f'B: {e(b["model_name"])} checkpoint {e(b["checkpoint_id"])} run {e(b["run_id"])}<br>'
-        f'{result["common_prompts"]} prompts in both, {result["only_in_a"]} only in A, {result["only_in_b"]} only in B</p>',
-        '<h2>Rates</h2><table id="rates"><thead><tr><th>rate</th><th>A</th><th>B</th><th>change</th></tr></thead><tbody>',
-    ]
-    for name, r in result["rates"].items():
-        parts.append(f"<tr><td>{e(name.replace('_', ' '))}</td><td>{_rate(r['a'])}</td><td>{_rate(r['b'])}</td>"
-                     f'<td class="num">{100 * r["delta"]:+.1f} pts</td></tr>')
-    parts.append("</tbody></table>")
+def _document(result: dict[str, Any]) -> str:
+    """The comparison page (``templates/compare.html.j2``): rate changes, then the prompts newly,
+    no longer and still memorized, then the settings that differ."""
     columns = (("prompt", "prompt"), ("score_a", "score A"), ("score_b", "score B"), ("prompt_id", "prompt id"))
-    for key, title in (("newly_memorized", "Newly memorized (flagged in B, not in A)"),
-                       ("no_longer_memorized", "No longer memorized (flagged in A, not in B)"),
-                       ("still_memorized", "Memorized in both")):
-        parts.append(f'<h2>{e(title)}: {len(result[key])}</h2>')
-        parts.append(H.sortable_table(key, columns, result[key]) if result[key] else "<p>None.</p>")
-    if result["settings_differences"]:
-        parts.append("<h2>Settings that differ</h2><ul>" + "".join(
-            f"<li>{e(k)}: {e(v[0])} → {e(v[1])}</li>" for k, v in result["settings_differences"].items()) + "</ul>")
-    return "".join(parts)
+    sections = [{"title": title, "count": len(result[key]),
+                 "table": H.sortable_table(key, columns, result[key]) if result[key] else None}
+                for key, title in (("newly_memorized", "Newly memorized (flagged in B, not in A)"),
+                                   ("no_longer_memorized", "No longer memorized (flagged in A, not in B)"),
+                                   ("still_memorized", "Memorized in both"))]
+    rates = [{"name": name.replace("_", " "), "a": _rate(r["a"]), "b": _rate(r["b"]),
+              "change": f"{100 * r['delta']:+.1f} pts"} for name, r in result["rates"].items()]
+    return H.render("compare.html.j2", "memaudit compare", a=result["a"], b=result["b"],
+                    common_prompts=result["common_prompts"], only_in_a=result["only_in_a"],
+                    only_in_b=result["only_in_b"], rates=rates, sections=sections,
+                    differences=result["settings_differences"])
 
 
 def _rate(r: dict[str, Any]) -> str:
+    """A rate as count/total = percent (95% interval)."""
     low, high = r["ci95"]
-    return H.esc(f"{r['count']}/{r['of']} = {100 * r['rate']:.1f}% ({100 * low:.1f}–{100 * high:.1f}%)")
+    return f"{r['count']}/{r['of']} = {100 * r['rate']:.1f}% ({100 * low:.1f}–{100 * high:.1f}%)"

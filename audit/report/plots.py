@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
+from audit.files import atomic_file  # noqa: E402
+
 DPI = 110
 
 
@@ -28,7 +30,7 @@ def similarity_histogram(generated: np.ndarray, baseline: np.ndarray, out: Path)
     if generated.size or baseline.size:
         ax.legend(loc="upper left")
     else:
-        ax.text(0.5, 0.5, "no reference set: no neighbours", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no reference set: no neighbors", ha="center", va="center", transform=ax.transAxes)
     return _save(fig, out)
 
 
@@ -69,9 +71,9 @@ def detector_distributions(scores: pa.Table, out: Path) -> Path:
 
 def _save(fig: plt.Figure, out: Path) -> Path:
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, dpi=DPI, format="png")
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        with atomic_file(out, sync=False) as tmp:
+            fig.savefig(tmp, dpi=DPI, format="png")
+    finally:
+        plt.close(fig)
     return out

@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from scipy.stats import binomtest, norm
 
 LABELS = ("matching_verbatim", "retrieved_verbatim", "template_verbatim")
 Z95 = 1.959963984540054
 
 
 def wilson(successes: int, trials: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (95% by default); (0, 0) for no trials."""
+    """Wilson score interval of a binomial proportion, ``z`` standard errors wide (95% by default),
+    from SciPy; (0, 0) for no trials, where SciPy has no interval (a rate of nothing)."""
     if trials <= 0:
         return 0.0, 0.0
-    p = successes / trials
-    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    interval = binomtest(int(successes), int(trials)).proportion_ci(confidence_level=1 - 2 * float(norm.sf(z)),
+                                                                    method="wilson")
+    return max(0.0, float(interval.low)), min(1.0, float(interval.high))
 
 
 def rate(successes: int, trials: int) -> dict[str, Any]:

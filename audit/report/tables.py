@@ -9,11 +9,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from audit import layout
 from audit.errors import InputError
 from audit.store import RunStore
 
 
-def open_run(path: str | Path) -> tuple[RunStore, dict[str, Any]]:
+def read_run(path: str | Path) -> tuple[RunStore, dict[str, Any]]:
     """The run's store and run.json (an object-store run mirrored here first); a clear error when
     ``path`` is not a run folder."""
     store = RunStore(path)
@@ -52,5 +53,5 @@ def require(store: RunStore, table: str, columns: list[str] | None = None) -> pa
 
 def prompt_texts(store: RunStore) -> dict[str, str]:
     """prompt_id -> prompt text of the run's planned prompts."""
-    prompts = pq.read_table(store.table_dir("prompts"), columns=["prompt_id", "prompt"]).to_pydict()
+    prompts = pq.read_table(store.table_dir(layout.PROMPTS), columns=["prompt_id", "prompt"]).to_pydict()
     return dict(zip(prompts["prompt_id"], prompts["prompt"]))

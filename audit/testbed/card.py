@@ -64,40 +64,51 @@ def write_examples(items: list[TestbedItem], evaluation: dict[str, Any], folder:
 
 
 def write_metrics(train_log: dict[str, Any], evaluation: dict[str, Any], folder: Path) -> Path:
+    """Record the training log and the memorization figures (without the generated pixels) as
+    ``metrics.json``: the card is rendered from them and tests compare against them."""
     data = {"training": train_log, "memorization": {k: v for k, v in evaluation.items() if k not in {"generations", "chosen"}}}
     (folder / METRICS).write_text(json.dumps(data, indent=1), encoding="utf-8")
     return folder / METRICS
 
 
 def _where(train_log: dict[str, Any]) -> str:
+    """Where training ran, for the card: the CPU thread count, or the device it names."""
     device = train_log.get("device", "cpu")
     return f"{train_log['threads']} CPU threads" if device == "cpu" else device
 
 
 def _size_mb(folder: Path) -> float:
+    """Total size of the files under ``folder`` in MiB (the card reports the weights' size)."""
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
 
 
-def write_card(train_log: dict[str, Any], evaluation: dict[str, Any], folder: Path, command: str) -> Path:
-    spec = train_log["spec"]
-    data = spec["dataset"]
-    groups = data["duplicate_groups"]
-    n_entries = data["n_single"] + sum(int(k) * n for k, n in groups.items())
-    table = "\n".join(
+def _results_table(evaluation: dict[str, Any]) -> str:
+    """The body rows of the memorization table, one per group, in the evaluation's order."""
+    return "\n".join(
         f"| {g['group']} | {g['captions']} | {g['samples']} | {g['median']:.3f} | {g['q10']:.3f}–{g['q90']:.3f} "
         f"| {g['best_of_n_median']:.3f} | {g['extracted']:.0%} | {g['retrieved']:.0%} | {g['vae_floor_median']:.3f} |"
         for g in evaluation["groups"]
     )
-    dup_text = ", ".join(f"{n} pairs × {k}" for k, n in sorted(groups.items(), key=lambda kv: -int(kv[0])))
-    text = f"""# memaudit testbed: a tiny text-to-image model that memorized its duplicated training pairs
+
+
+def _intro_section(train_log: dict[str, Any], command: str) -> str:
+    """Title, what the testbed is for, and the command (and time) that reproduces it."""
+    return f"""# memaudit testbed: a tiny text-to-image model that memorized its duplicated training pairs
 
 The built-in checkpoint `builtin:testbed`: a real `StableDiffusionPipeline` trained here, on CPU,
 so that memaudit has something that truly memorizes, with ground truth by construction
 (Carlini et al. 2023: the duplicated training examples are the ones that get memorized).
 
 Reproduce: `{command}` ({train_log['seconds'] / 60:.0f} min on {_where(train_log)}).
+"""
 
-## Data
+
+def _data_section(data: dict[str, Any]) -> str:
+    """How the image–caption pairs were built and duplicated, and the ground-truth files."""
+    groups = data["duplicate_groups"]
+    n_entries = data["n_single"] + sum(int(k) * n for k, n in groups.items())
+    dup_text = ", ".join(f"{n} pairs × {k}" for k, n in sorted(groups.items(), key=lambda kv: -int(kv[0])))
+    return f"""## Data
 
 - {data['n_single'] + sum(groups.values()) + data['n_heldout']} image–caption pairs, {data['size']}×{data['size']} RGB, built from data that ships
   with scikit-learn: a crop of `china.jpg` or `flower.jpg` with one `load_digits` glyph drawn
@@ -108,8 +119,12 @@ Reproduce: `{command}` ({train_log['seconds'] / 60:.0f} min on {_where(train_log
   Held out: {data['n_heldout']} pairs never trained on (negatives).
 - `{GROUND_TRUTH}`: every caption with its `duplicates` count (0 = held out), `key`, `split`,
   `group` and memaudit's `prompt_id`. `{AUDIT_PROMPTS}`: the default audit's prompts, 8 per group.
+"""
 
-## Model
+
+def _model_section(train_log: dict[str, Any], folder: Path) -> str:
+    """The pipeline's components and the size of the saved weights in ``folder``."""
+    return f"""## Model
 
 - UNet2DConditionModel trained here: three levels (32/64/64 channels; 16, 8 and 4 latent pixels),
   cross-attention at the lower two; AutoencoderKL trained here (32/64 channels, downsampling 2,
@@ -118,16 +133,25 @@ Reproduce: `{command}` ({train_log['seconds'] / 60:.0f} min on {_where(train_log
   with Stable Diffusion 1's noise schedule.
 - Weights: float16 safetensors, {_size_mb(folder / PIPELINE):.1f} MB in `{PIPELINE}/`; load with
   `DiffusionPipeline.from_pretrained` (any dtype).
+"""
 
-## Training
+
+def _training_section(train_log: dict[str, Any]) -> str:
+    """The training recipe (from the recorded spec) and the losses it reached."""
+    spec = train_log["spec"]
+    return f"""## Training
 
 Seed {spec['seed']}. VAE: {spec['vae_steps']} steps, batch {spec['batch_size']}, AdamW lr {spec['vae_lr']},
 MSE + {spec['kl_weight']} × KL; final loss {train_log['vae_loss_last100']:.5f} (mean of the last 100 steps).
 UNet: {spec['unet_steps']} steps, batch {spec['batch_size']}, AdamW lr {spec['unet_lr']} (warm-up {spec['warmup_steps']},
 cosine to 10%), epsilon prediction, {spec['caption_dropout']:.0%} caption dropout, EMA {spec['ema_decay']};
 loss {train_log['unet_loss_first100']:.4f} (first 100 steps) → {train_log['unet_loss_last100']:.4f} (last 100).
+"""
 
-## What it memorized
+
+def _memorization_section(evaluation: dict[str, Any]) -> str:
+    """How memorization was measured, the per-group results table, and the examples sheet."""
+    return f"""## What it memorized
 
 Tiled L2 (Carlini et al.: 4×4 tiles, RMS per tile on [0, 1] pixels, max over tiles) from each
 generation to its caption's own training image; {evaluation['samples_per_caption']} samples per caption,
@@ -139,10 +163,32 @@ trip of the image, the closest any generation can come.
 
 | group | captions | samples | median | 10%–90% | best-of-{evaluation['samples_per_caption']} median | extracted | retrieved | VAE floor |
 |---|---|---|---|---|---|---|---|---|
-{table}
+{_results_table(evaluation)}
 
 `{EXAMPLES}`: per row the training image, then {evaluation['samples_per_caption']} generations from its caption
 (rows by group, in the order of the table). Re-measure: `memaudit testbed evaluate FOLDER`.
 """
-    (folder / CARD).write_text(text, encoding="utf-8")
+
+
+def card_text(train_log: dict[str, Any], evaluation: dict[str, Any], folder: Path, command: str) -> str:
+    """The model card's Markdown: one section per function, separated by a blank line.
+
+    ``train_log`` is the trainer's log (with its ``spec``), ``evaluation`` the memorization
+    measurement, ``folder`` the packaged testbed (its ``pipeline/`` is sized) and ``command`` the
+    command line that reproduces it.
+    """
+    sections = [
+        _intro_section(train_log, command),
+        _data_section(train_log["spec"]["dataset"]),
+        _model_section(train_log, folder),
+        _training_section(train_log),
+        _memorization_section(evaluation),
+    ]
+    return "\n".join(sections)
+
+
+def write_card(train_log: dict[str, Any], evaluation: dict[str, Any], folder: Path, command: str) -> Path:
+    """Write the testbed's model card (``README.md``) into ``folder``, so the packaged checkpoint
+    says how it was built, how to reproduce it and what it memorized."""
+    (folder / CARD).write_text(card_text(train_log, evaluation, folder, command), encoding="utf-8")
     return folder / CARD

@@ -17,8 +17,8 @@ import numpy as np
 from audit import ids
 from audit.batching import run_batches
 from audit.config import load_config
-from audit.generate.images import decode_png
-from audit.generate.stage import GenerateStage
+from audit.generate.png import decode_png
+from audit.generate.sampling import GenerateStage
 from audit.plan import ShardSpec, shard_samples
 from audit.similarity import tiled_l2
 from audit.testbed.dataset import TestbedItem

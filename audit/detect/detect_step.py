@@ -1,6 +1,6 @@
-"""Detection for one samples/ shard: cliques, verification, prompt scores (Ray-free).
+"""The detection step for one samples/ shard: cliques, verification, prompt scores (Ray-free).
 
-Reads the shard's samples, embeddings and neighbours, writes ``matches/`` (every verified pair
+Reads the shard's samples, embeddings and neighbors, writes ``matches/`` (every verified pair
 with its measures and label) and ``prompt_scores/`` (one row per prompt), each published
 atomically with its marker.
 """
@@ -10,72 +10,81 @@ from __future__ import annotations
 import io
 import logging
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from audit import layout
 from audit.config import AuditConfig
 from audit.detect import verify
 from audit.detect.cliques import copy_graph, largest_clique
 from audit.detect.scores import clique_min, memorization_score
 from audit.embed.storage import decode_embeddings
+from audit.location import Location
 from audit.reference.images import ReferenceImages
+from audit.reference.index import INDEX_DIR, load_manifest
+from audit.reference.locate import resolve_reference
 from audit.reference.vectors import VectorStore
 from audit.schema import MATCHES, PROMPT_SCORES, STATUS_ERROR, STATUS_OK
 from audit.similarity import pairwise_tiled_l2
 from audit.store import RunStore
 
 log = logging.getLogger(__name__)
-MATCHES_TABLE, SCORES_TABLE = "matches", "prompt_scores"
 
 
-class Detector:
-    """Holds what every shard needs: the config, the reference vectors and images."""
+class DetectStep:
+    """The detection step: holds what every shard needs (the config, the planned prompts, the
+    reference vectors and images); a task ``(shard, inputs)`` writes that shard's ``matches/`` and
+    then its ``prompt_scores/`` (whose marker means "detection done for this shard")."""
 
-    def __init__(self, cfg: AuditConfig, store: RunStore, reference_root: Path | None, manifest: dict[str, Any] | None,
-                 device: str = "cpu"):
-        self.cfg, self.store, self.device = cfg, store, device
+    def __init__(self, cfg: AuditConfig, run: Location, device: str = "cpu"):
+        self.cfg, self.store, self.device = cfg, RunStore(run), device
+        reference = resolve_reference(cfg.reference.path) if cfg.reference.path else None
         self.det = cfg.detection
-        prompts = pq.read_table(store.readable_file("prompts/prompts.parquet"), columns=["prompt_id", "prompt", "key"])
+        prompts = pq.read_table(self.store.readable_file(layout.prompts_file()), columns=["prompt_id", "prompt", "key"])
         self.prompts = {p: (t, k) for p, t, k in zip(*(prompts.column(c).to_pylist() for c in ("prompt_id", "prompt", "key")))}
         self.vectors = self.images = None
-        if reference_root is not None and manifest is not None:
+        if reference is not None:
+            manifest = load_manifest(reference / INDEX_DIR)
             files = manifest["files"]
-            self.vectors = VectorStore([reference_root / f["npy"] for f in files], [f["first_row"] for f in files])
-            self.images = ReferenceImages(reference_root, manifest)
+            self.vectors = VectorStore([reference / f["npy"] for f in files], [f["first_row"] for f in files])
+            self.images = ReferenceImages(reference, manifest)
 
-    def run(self, shard: str, **extra: Any) -> dict[str, Any]:
-        samples = pq.read_table(self.store.readable("samples", shard),
+    def describe(self) -> dict[str, Any]:
+        return {"device": self.device, "reference": self.images is not None}
+
+    def run(self, task: tuple[str, dict[str, str]]) -> dict[str, Any]:
+        shard, inputs = task
+        samples = pq.read_table(self.store.readable(layout.SAMPLES, shard),
                                 columns=["sample_id", "prompt_id", "image_png", "noise_magnitude", "status"]).to_pydict()
-        embeddings = pq.read_table(self.store.readable("embeddings", shard))
+        embeddings = pq.read_table(self.store.readable(layout.EMBEDDINGS, shard))
         dim = int(embeddings.schema.field("embedding").metadata[b"dim"])
         sample_emb = dict(zip(embeddings.column("sample_id").to_pylist(),
                               decode_embeddings(embeddings.column("embedding"), dim)))
         neighbors = self._neighbors(shard)
         by_prompt: dict[str, list[int]] = defaultdict(list)
-        for i, pid in enumerate(samples["prompt_id"]):
-            by_prompt[pid].append(i)
-        self.store.invalidate(MATCHES_TABLE, shard)
-        self.store.invalidate(SCORES_TABLE, shard)
+        for i, prompt_id in enumerate(samples["prompt_id"]):
+            by_prompt[prompt_id].append(i)
+        self.store.invalidate(layout.MATCHES, shard)
+        self.store.invalidate(layout.PROMPT_SCORES, shard)
         score_rows: list[dict[str, Any]] = []
-        with self.store.open_shard(MATCHES_TABLE, shard, MATCHES) as matches:
-            for pid, members in by_prompt.items():
+        with self.store.open_shard(layout.MATCHES, shard, MATCHES) as matches:
+            for prompt_id, members in by_prompt.items():
                 pairs: list[dict[str, Any]] = []
-                score_rows.append(self._prompt(pid, members, samples, sample_emb, neighbors, pairs))
+                score_rows.append(self._prompt(prompt_id, members, samples, sample_emb, neighbors, pairs))
                 if pairs:
                     matches.write({name: [p[name] for p in pairs] for name in MATCHES.names})
-            matches.commit(**extra)
+            matches.commit(inputs=inputs)
         # prompt_scores is published last: its marker means "detection done for this shard"
-        with self.store.open_shard(SCORES_TABLE, shard, PROMPT_SCORES) as scores:
+        with self.store.open_shard(layout.PROMPT_SCORES, shard, PROMPT_SCORES) as scores:
             scores.write({name: [r[name] for r in score_rows] for name in PROMPT_SCORES.names})
-            return scores.commit(**extra)
+            return scores.commit(inputs=inputs)
 
     def _neighbors(self, shard: str) -> dict[str, list[tuple[int, int, str | None, float]]]:
         out: dict[str, list[tuple[int, int, str | None, float]]] = defaultdict(list)
-        path = self.store.readable("neighbors", shard)
+        path = self.store.readable(layout.NEIGHBORS, shard)
         if not path.exists():
             return out
         table = pq.read_table(path, columns=["sample_id", "rank", "row", "key", "score"]).to_pydict()
@@ -83,17 +92,17 @@ class Detector:
             out[sid].append((rank, row, key, score))
         return out
 
-    def _prompt(self, pid: str, members: list[int], samples: dict[str, list[Any]], sample_emb: dict[str, np.ndarray],
+    def _prompt(self, prompt_id: str, members: list[int], samples: dict[str, list[Any]], sample_emb: dict[str, np.ndarray],
                 neighbors: dict[str, list[tuple[int, int, str | None, float]]], pairs: list[dict[str, Any]]) -> dict[str, Any]:
         ok = [i for i in members if samples["status"][i] == STATUS_OK]
         minimum = clique_min(self.det.clique_min, len(members))
-        row: dict[str, Any] = {"prompt_id": pid, "n_samples": len(members), "clique_min": minimum,
+        row: dict[str, Any] = {"prompt_id": prompt_id, "n_samples": len(members), "clique_min": minimum,
                                "status": STATUS_OK, "error": None}
         noise = [samples["noise_magnitude"][i] for i in ok]
         row["noise_magnitude"] = float(np.nanmean(noise)) if noise and not np.all(np.isnan(noise)) else None
         clique = self._clique([samples["image_png"][i] for i in ok])
         row.update(clique_size=clique.size, clique_exact=clique.exact, clique_upper=clique.upper_bound)
-        prompt, prompt_key = self.prompts.get(pid, ("", None))
+        prompt, prompt_key = self.prompts.get(prompt_id, ("", None))
         best_label: dict[str, str] = {}
         cosines, splits, l2s = [], [], []
         for i in ok:
@@ -102,7 +111,7 @@ class Detector:
             if found:
                 cosines.append(found[0][3])
             for rank, ref_row, key, _ in found[: self.det.verify_top]:
-                pair = self._verify(sid, pid, rank, ref_row, key, samples["image_png"][i], sample_emb.get(sid),
+                pair = self._verify(sid, prompt_id, rank, ref_row, key, samples["image_png"][i], sample_emb.get(sid),
                                     prompt, prompt_key)
                 pairs.append(pair)
                 if pair["status"] == STATUS_OK:
@@ -137,9 +146,9 @@ class Detector:
             distances = pairwise_tiled_l2_torch(stack, self.det.tile_grid, self.device)
         return largest_clique(copy_graph(distances, self.det.clique_delta))
 
-    def _verify(self, sid: str, pid: str, rank: int, ref_row: int, key: str | None, png: bytes,
+    def _verify(self, sid: str, prompt_id: str, rank: int, ref_row: int, key: str | None, png: bytes,
                 emb: np.ndarray | None, prompt: str, prompt_key: str | None) -> dict[str, Any]:
-        pair: dict[str, Any] = {"sample_id": sid, "prompt_id": pid, "rank": rank, "row": ref_row, "key": key,
+        pair: dict[str, Any] = {"sample_id": sid, "prompt_id": prompt_id, "rank": rank, "row": ref_row, "key": key,
                                 "own": False, "tiled_l2": None, "rms": None, "cosine": None, "split_product": None,
                                 "label": verify.NONE, "status": STATUS_OK, "error": None}
         if self.images is None or self.vectors is None:

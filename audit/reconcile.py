@@ -11,11 +11,11 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from audit import layout
 from audit.errors import InputError
-from audit.ids import shard_name
-from audit.store import MARKERS, TMP_TAG, RunStore, file_sha256
-
-DERIVED = ("embeddings", "neighbors", "matches", "prompt_scores")
+from audit.files import MARKERS, file_sha256, is_temporary
+from audit.ids import sample_id, shard_name
+from audit.store import RunStore
 
 
 @dataclass
@@ -43,7 +43,7 @@ def verify_run(path: str | Path) -> Verification:
     info = store.read_json()
     if info is None:
         raise InputError(f"{path}: not a run folder (no run.json)")
-    prompts_file = store.table_dir("prompts") / "prompts.parquet"
+    prompts_file = store.path / layout.prompts_file()
     if not prompts_file.is_file():
         raise InputError(f"{prompts_file}: missing; the run was never planned")
     prompts = pq.read_table(prompts_file, columns=["prompt_id", "shard"]).to_pydict()
@@ -51,15 +51,15 @@ def verify_run(path: str | Path) -> Verification:
     n_shards = int(info["prompts"]["n_shards"])
     result = Verification(planned_shards=n_shards)
     planned: dict[str, str] = {}  # sample_id -> shard name
-    for pid, shard in zip(prompts["prompt_id"], prompts["shard"]):
+    for prompt_id, shard in zip(prompts["prompt_id"], prompts["shard"]):
         for idx in range(per_prompt):
-            planned[f"{pid}-{idx:05d}"] = shard_name(int(shard), n_shards)
+            planned[sample_id(prompt_id, idx)] = shard_name(int(shard), n_shards)
     result.planned_samples = len(planned)
     names = [shard_name(i, n_shards) for i in range(n_shards)]
     present: Counter[str] = Counter()
     ids_by_shard: dict[str, list[str]] = {}
     for name in names:
-        ids = _check_shard(store, "samples", name, result)
+        ids = _check_shard(store, layout.SAMPLES, name, result)
         if ids is None:
             continue
         result.complete_shards += 1
@@ -82,8 +82,8 @@ def verify_run(path: str | Path) -> Verification:
     if incomplete:
         result.notes.append(f"{len(incomplete)} of {n_shards} samples shards not complete yet (run again to finish): "
                             f"{', '.join(incomplete[:5])}{' …' if len(incomplete) > 5 else ''}")
-    _check_extra_files(store, "samples", set(names), result)
-    for table in DERIVED:
+    _check_extra_files(store, layout.SAMPLES, set(names), result)
+    for table in layout.DERIVED_TABLES:
         _check_derived(store, table, ids_by_shard, result)
     return result
 
@@ -107,13 +107,13 @@ def _check_shard(store: RunStore, table: str, name: str, result: Verification) -
         result.problems.append(f"{where}: sha256 differs from its marker (the file changed after it was written)")
         return None
     try:
-        table_ = pq.read_table(path, columns=["sample_id"] if table != "prompt_scores" else ["prompt_id"])
+        table_ = pq.read_table(path, columns=["sample_id"] if table != layout.PROMPT_SCORES else ["prompt_id"])
     except Exception as exc:  # noqa: BLE001 - an unreadable file is a finding, not a crash
         result.problems.append(f"{where}: unreadable Parquet ({type(exc).__name__}: {exc})")
         return None
     ids = table_.column(0).to_pylist()
     rows = marker.get("rows")
-    if table in ("samples", "embeddings", "prompt_scores") and rows is not None and rows != len(ids):
+    if table in (layout.SAMPLES, layout.EMBEDDINGS, layout.PROMPT_SCORES) and rows is not None and rows != len(ids):
         result.problems.append(f"{where}: {len(ids)} rows, its marker says {rows}")
     return ids
 
@@ -128,9 +128,9 @@ def _check_derived(store: RunStore, table: str, samples: dict[str, list[str]], r
         ids = _check_shard(store, table, name, result)
         if ids is None or name not in samples:
             continue
-        if table == "embeddings" and ids != samples[name]:
+        if table == layout.EMBEDDINGS and ids != samples[name]:
             result.problems.append(f"embeddings/{name}: rows are not aligned with samples/{name}")
-        elif table in ("neighbors", "matches") and not set(ids) <= set(samples[name]):
+        elif table in (layout.NEIGHBORS, layout.MATCHES) and not set(ids) <= set(samples[name]):
             result.problems.append(f"{table}/{name}: rows for samples that samples/{name} does not hold")
     _check_extra_files(store, table, set(samples), result, derived=True)
 
@@ -139,7 +139,7 @@ def _check_extra_files(store: RunStore, table: str, names: set[str], result: Ver
     folder = store.table_dir(table)
     if not folder.is_dir():
         return
-    leftovers = [p.name for p in folder.iterdir() if TMP_TAG in p.name]
+    leftovers = [p.name for p in folder.iterdir() if is_temporary(p.name)]
     if leftovers:
         result.notes.append(f"{table}/: {len(leftovers)} temporary files of interrupted writes (removed by the "
                             f"next run after a day), e.g. {leftovers[0]}")

@@ -1,4 +1,4 @@
-"""The generation stage: sample rows in, PNG rows out (Ray-free, DESIGN §2).
+"""The generation stage: sample rows in, PNG rows out (Ray-free; docs/architecture.md, "Data flow").
 
 ``GenerateStage(cfg)`` loads the pipeline once; calling it on a batch of sample rows generates one
 image per row from that row's own seed (one ``torch.Generator`` per sample, on the CPU, so the
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from audit.config import AuditConfig
-from audit.generate.images import encode_png, encode_thumbnail, to_uint8
+from audit.generate.png import encode_png, encode_thumbnail, to_uint8
 from audit.generate.loading import load_pipeline, resolve_model, resolve_numerics
 from audit.generate.noise import NoiseMagnitudeRecorder
 from audit.schema import STATUS_ERROR, STATUS_OK

@@ -53,7 +53,7 @@ def write_shipped_training_set(folder: Path) -> Path:
     as img2dataset shards under ``folder/img2dataset``."""
     import json
 
-    from audit.testbed.builtin import testbed_folder
+    from audit.testbed.checkpoints import testbed_folder
     from audit.testbed.dataset import build_dataset
     from audit.testbed.train import spec_from_dict
 

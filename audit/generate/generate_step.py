@@ -1,9 +1,8 @@
-"""One samples/ shard, start to finish (Ray-free; a Ray actor just calls these)."""
+"""One samples/ shard, start to finish: the generation step (Ray-free; see :mod:`audit.step`)."""
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -12,17 +11,44 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from audit import layout
 from audit.batching import Batch, TwoPhaseStage, run_batches
 from audit.config import AuditConfig
 from audit.embed import samples as embedded_samples
-from audit.embed.stage import EmbedStage
+from audit.embed.embedding import EmbedStage
 from audit.errors import StorageError, storage_error
+from audit.location import Location
 from audit.plan import ShardSpec, shard_samples
 from audit.schema import SAMPLES, SAMPLES_COMPRESSION, STATUS_OK
 from audit.store import RunStore
 
 log = logging.getLogger(__name__)
-TABLE = "samples"
+TABLE = layout.SAMPLES
+EMBEDDED_WHILE_GENERATING = "embedded_while_generating"  # key of the returned marker: the embedding model
+
+
+class GenerateStep:
+    """The generation step: one loaded pipeline (and, when ``embed``, the embedding model on the
+    same device); a task ``(shard, retry_only)`` generates a whole samples/ shard, or with
+    ``retry_only`` regenerates its failed rows."""
+
+    def __init__(self, cfg: AuditConfig, run: Location, device: str, dtype: str, embed: bool) -> None:
+        from audit.generate.sampling import GenerateStage
+
+        self.cfg, self.store = cfg, RunStore(run)
+        self.stage = GenerateStage(cfg, device, dtype)
+        self.embed = EmbedStage(cfg.embedding, device) if embed else None
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": self.stage.device, "dtype": self.stage.dtype,
+                "embedding": self.embed.model_id if self.embed else None}
+
+    def run(self, task: tuple[ShardSpec, bool]) -> dict[str, Any]:
+        shard, retry_only = task
+        extra = {"device": self.stage.device, "dtype": self.stage.dtype, "batch_size": self.cfg.compute.batch_size}
+        if retry_only:  # merges kept rows with regenerated ones: the embedding step re-embeds the shard
+            return retry_failed_samples(self.stage, self.store, self.cfg, shard, **extra)
+        return generate_shard(self.stage, self.store, self.cfg, shard, self.embed, **extra)
 
 
 def generate_shard(
@@ -33,7 +59,8 @@ def generate_shard(
 
     With ``embed``, each batch's pixels are also embedded right after they are generated, and the
     aligned embeddings/ shard is published right after the samples shard, whose marker it names
-    as its input; the returned marker then has ``embedded`` set."""
+    as its input; the returned marker then names the embedding model in
+    ``embedded_while_generating``."""
     rows = shard_samples(shard, cfg.generation.samples_per_prompt, cfg.run.seed)
     store.invalidate(TABLE, shard.name)
     if embed is None:
@@ -50,13 +77,13 @@ def generate_shard(
         tap.guarded(tap.aligned.finish)
         marker = writer.commit(**extra)
         tap.guarded(lambda: embedding_writer.commit(**embedded_samples.commit_fields(embed, store, shard.name),
-                                                    pid=os.getpid(), during="generation"))
+                                                    during="generation"))
         if tap.failure is not None:
             embedding_writer.abort()
             log.warning("%s: embedding while generating failed (%s); the embedding step will embed this shard",
                         shard.name, tap.failure)
             return marker
-        return {**marker, "embedded": embed.model_id}
+        return {**marker, EMBEDDED_WHILE_GENERATING: embed.model_id}
 
 
 def _embeds_in_cpu_phase(embed: EmbedStage) -> bool:
@@ -154,4 +181,4 @@ def _merge(old: pa.Table, fresh: dict[str, Batch]) -> list[pa.Table]:
     return parts
 
 
-__all__ = ["TABLE", "generate_shard", "retry_failed_samples"]
+__all__ = ["TABLE", "GenerateStep", "generate_shard", "retry_failed_samples"]
