@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     train = actions.add_parser("train", help="train the memorizing testbed and write its folder and model card")
     train.add_argument("out", type=Path, help="output folder (new or empty)")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--kind", choices=["glyphs", "maps"], default="glyphs",
+                       help="glyphs (builtin:testbed: scikit-learn photos with digits, PNDM) or maps "
+                            "(builtin:testbed-maps: matplotlib's sample data, near-flat images, DDIM)")
     train.add_argument("--vae-steps", type=int, default=None)
     train.add_argument("--unet-steps", type=int, default=None)
     train.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")
@@ -142,13 +145,16 @@ def _testbed(args: argparse.Namespace) -> int:
     from audit.testbed.package import TrainSpec, evaluate_folder, format_groups, train_and_package
 
     if args.action == "train":
+        from audit.testbed.train import train_spec
+
         defaults = TrainSpec(seed=args.seed)
-        spec = TrainSpec(
-            seed=args.seed,
+        spec = train_spec(
+            args.kind, args.seed,
             vae_steps=args.vae_steps if args.vae_steps is not None else defaults.vae_steps,
             unet_steps=args.unet_steps if args.unet_steps is not None else defaults.unet_steps,
         )
-        command = f"memaudit testbed train OUT --seed {args.seed}"
+        command = "memaudit testbed train OUT" + (f" --kind {args.kind}" if args.kind != "glyphs" else "")
+        command += f" --seed {args.seed}"
         if args.vae_steps is not None:
             command += f" --vae-steps {args.vae_steps}"
         if args.unet_steps is not None:

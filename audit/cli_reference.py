@@ -31,10 +31,18 @@ def add_parser(commands: argparse._SubParsersAction, with_config: Callable[[argp
     dups = actions.add_parser("dups", help="near-duplicate count of every reference item (needs the index)")
     dups.add_argument("folder", type=location)
     with_config(dups)
+    calibrate = actions.add_parser("calibrate", help="measure the train->train null that calibrated detection "
+                                                     "thresholds come from (needs the index)")
+    calibrate.add_argument("folder", type=location)
+    calibrate.add_argument("--force", action="store_true", help="measure again over an existing calibration")
+    with_config(calibrate)
     validate = actions.add_parser("validate", help="check an embedding folder and report bad rows")
     validate.add_argument("folder", type=location)
-    testbed = actions.add_parser("testbed", help="the testbed's training set as a reference: embed, index, dups")
+    testbed = actions.add_parser("testbed", help="the testbed's training set as a reference: embed, index, dups, "
+                                                 "calibrate")
     testbed.add_argument("out", type=location, help="reference folder to write")
+    testbed.add_argument("--testbed", choices=["glyphs", "maps"], default="glyphs",
+                         help="which shipped testbed: glyphs (builtin:testbed) or maps (builtin:testbed-maps)")
     with_config(testbed)
 
 
@@ -58,7 +66,9 @@ def _dispatch(args: argparse.Namespace, cfg: AuditConfig | None) -> int:
         return _index(cfg, args.folder, args.out, args.factory)
     if args.action == "dups":
         return _dups(cfg, args.folder)
-    return _testbed(cfg, args.out)
+    if args.action == "calibrate":
+        return _calibrate(cfg, args.folder, args.force)
+    return _testbed(cfg, args.out, args.testbed)
 
 
 def _embed(cfg: AuditConfig, source: Location | Path, out: Location | Path, address: str | None) -> int:
@@ -81,10 +91,12 @@ def _embed(cfg: AuditConfig, source: Location | Path, out: Location | Path, addr
 
 
 def _index(cfg: AuditConfig, folder: Path, out: Path | None, factory: str | None) -> int:
+    from audit.reference.calibration import remove_calibration
     from audit.reference.index import build_index
 
     section = cfg.reference if factory is None else cfg.reference.model_copy(update={"index_factory": factory})
     manifest = build_index(folder, section, out)
+    remove_calibration(folder)  # measured on the previous index: measured again when next needed
     print(f"index: {(out or folder / 'index') / 'manifest.json'}")
     print(f"{manifest['count']} vectors (dim {manifest['embedding']['dim']}, {manifest['embedding']['model_id']}) in "
           f"{len(manifest['shards'])} shards, {manifest['factory']}; {manifest['excluded']} rows excluded, "
@@ -103,6 +115,20 @@ def _dups(cfg: AuditConfig, folder: Path) -> int:
     return 0
 
 
+def _calibrate(cfg: AuditConfig, folder: Path, force: bool) -> int:
+    from audit.reference.calibration import CALIBRATION_DIR, calibrate, describe, load_calibration
+    from audit.reference.index import INDEX_DIR, load_manifest
+
+    model_id = load_manifest(folder / INDEX_DIR)["embedding"]["model_id"]
+    if not force and load_calibration(folder, cfg.detection, model_id) is not None:
+        print(f"calibration: {folder / CALIBRATION_DIR} is current for these settings (--force measures it again)")
+        return 0
+    record = calibrate(folder, cfg.detection, cfg.reference)
+    print(f"calibration: {folder / CALIBRATION_DIR}")
+    print(describe(record))
+    return 0
+
+
 def _validate(folder: Path) -> int:
     from audit.reference.folder import validate_folder
 
@@ -114,14 +140,15 @@ def _validate(folder: Path) -> int:
     return 0
 
 
-def _testbed(cfg: AuditConfig, out: Path) -> int:
+def _testbed(cfg: AuditConfig, out: Path, kind: str = "glyphs") -> int:
     from audit.reference.training_set import SOURCE_DIR, write_shipped_training_set
+    from audit.testbed.checkpoints import SHIPPED_KINDS
 
     if out.exists() and any(p.name != SOURCE_DIR for p in out.iterdir()) and not (out / "embedding.json").exists():
         raise InputError(f"{out}: folder exists and is not a reference folder; choose a new folder")
-    source = write_shipped_training_set(out)
+    source = write_shipped_training_set(out, SHIPPED_KINDS[kind])
     for step in (lambda: _embed(cfg, source, out, None), lambda: _index(cfg, out, None, None),
-                 lambda: _dups(cfg, out)):
+                 lambda: _dups(cfg, out), lambda: _calibrate(cfg, out, force=False)):
         code = step()
         if code:
             return code

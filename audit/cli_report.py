@@ -31,6 +31,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
                          help=f"exit {EXIT_GATE_FAILED} if any prompt is flagged in B but not in A")
     compare.add_argument("--max-rate-increase", type=float, metavar="DELTA",
                          help=f"exit {EXIT_GATE_FAILED} if the flagged-prompt rate rises by more than DELTA (e.g. 0.01)")
+    compare.add_argument("--allow-different-calibration", action="store_true",
+                         help="compare runs detected with different thresholds or calibrations (refused otherwise)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from audit.report.compare import compare_runs, default_out, gate, write_compare
 
-    result = compare_runs(args.run_a, args.run_b)
+    result = compare_runs(args.run_a, args.run_b, args.allow_different_calibration)
     path = write_compare(result, args.out or default_out(args.run_b, result))
     rates = result["rates"]["flagged_prompts"]
     print(f"compare: {path}")

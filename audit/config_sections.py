@@ -181,6 +181,8 @@ class ReferenceSection(Section):
     nprobe: int = Field(16, gt=0, description="IVF lists searched per query.")
     rerank: int = Field(3, ge=1, description="Approximate indexes: exact re-rank of k x rerank candidates (1: none).")
     dup_threshold: float = Field(0.95, gt=0, le=1, description="Cosine at which two images are duplicates.")
+    calibration_sample: int = Field(1000, ge=100, description="Training images whose nearest distinct images "
+                                                             "make the calibration's null (`reference calibrate`).")
 
 
 class DetectionSection(Section):
@@ -197,11 +199,20 @@ class DetectionSection(Section):
     split_chunks: int = Field(16, gt=0, description="Somepalli's split-product chunks.")
     verify_top: int = Field(3, gt=0, description="Neighbors per sample verified on pixels.")
     verify_size: int = Field(256, gt=0, description="Largest side at which pixel distances are computed.")
-    match_l2: float = Field(0.15, gt=0, description="Tiled L2 of a verified copy (Carlini's extraction).")
-    template_similarity: float = Field(
-        0.5, gt=0, le=1, description="Copy similarity above which a non-matching pair is a layout copy (Somepalli)."
+    calibration: Literal["calibrated", "paper"] = Field(
+        "calibrated", description="calibrated: thresholds are false-label rates on the reference's own train->train "
+        "null (`memaudit reference calibrate`); paper: the absolute constants match_l2 / template_similarity."
     )
-    flag_score: float = Field(0.5, ge=0, le=1, description="Memorization score at which a prompt is flagged.")
+    match_fpr: float = Field(1e-3, gt=0, lt=0.5, description="Calibrated: share of distinct training images "
+                                                             "that would pass as pixel copies (sets the tiled-L2 threshold).")
+    template_fpr: float = Field(1e-2, gt=0, lt=0.5, description="Calibrated: share of distinct training images "
+                                                               "that would pass as template copies (split-product threshold).")
+    match_l2: float = Field(0.15, gt=0, description="Paper mode: tiled L2 of a verified copy (Carlini's extraction).")
+    template_similarity: float = Field(
+        0.5, gt=0, le=1, description="Paper mode: copy similarity above which a non-matching pair is a layout copy (Somepalli)."
+    )
+    flag_fpr: float = Field(1e-3, gt=0, lt=1, description="False-flag rate per prompt of the flag test (false labels "
+                                                         "alone flag a prompt at most this often, at any sample count).")
 
     @field_validator("join_workers", "clique_min")
     @classmethod

@@ -13,6 +13,7 @@ from __future__ import annotations
 from audit.files import MARKERS
 
 RUN_JSON = "run.json"
+THRESHOLDS_JSON = "thresholds.json"  # the detection thresholds applied and their source (written by detection)
 
 PROMPTS = "prompts"  # the planned prompts: one file, PROMPTS_FILE
 SAMPLES = "samples"  # generated images, one shard per prompt shard

@@ -1,8 +1,27 @@
-"""Pixel-space similarity of images (Carlini et al. 2023, Webster 2023). Pure numpy."""
+"""Pixel-space similarity of images (Carlini et al. 2023, Webster 2023): numpy, and PIL to bring
+two images to the common size they are compared at."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+from PIL import Image
+
+
+def common_size(a: tuple[int, int], b: tuple[int, int], limit: int, grid: int) -> int:
+    """The side two images of sizes ``a`` and ``b`` are compared at: the smaller of their sides,
+    at most ``limit``, a multiple of the tile grid."""
+    side = min(min(a), min(b), limit)
+    return max(grid, side - side % grid)
+
+
+def pixels_at(png: bytes, side: int) -> np.ndarray:
+    """An encoded image as ``(side, side, 3)`` uint8 RGB (bicubic resize when its size differs)."""
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    if image.size != (side, side):
+        image = image.resize((side, side), Image.Resampling.BICUBIC)
+    return np.asarray(image)
 
 
 def _unit(images: np.ndarray) -> np.ndarray:
@@ -28,6 +47,27 @@ def tiled_l2(a: np.ndarray, b: np.ndarray, grid: int = 4) -> np.ndarray:
     diff = (x - y) ** 2
     tiles = diff.reshape(*diff.shape[:-3], grid, height // grid, grid, width // grid, diff.shape[-1])
     per_tile = np.sqrt(tiles.mean(axis=(-4, -2, -1)))
+    return per_tile.max(axis=(-2, -1))
+
+
+def tile_structure(images: np.ndarray, grid: int = 4) -> np.ndarray:
+    """How much an image holds beyond a flat colour per tile: the largest, over the ``grid x grid``
+    tiles, root-mean-square deviation of the tile's pixels from the tile's mean colour, on [0, 1].
+
+    Within a tile the squared difference of two images splits exactly into the difference of
+    their mean colours and the difference of their deviations from them (the two parts are
+    orthogonal), and the deviations differ by at most the sum of their sizes. So when two
+    images' structures add up to less than a tiled-L2 threshold, the threshold can no longer tell
+    them apart by anything but their 4x4 mean colours: a flat navy image and a flat purple one,
+    or two dark low-contrast photos (docs/calibration.md, "Low-information images").
+    ``images`` is ``(..., H, W, C)``; returns ``(...)``."""
+    x = _unit(images)
+    height, width = x.shape[-3], x.shape[-2]
+    if height % grid or width % grid:
+        raise ValueError(f"images of shape {x.shape[-3:]} do not split into {grid}x{grid} tiles")
+    tiles = x.reshape(*x.shape[:-3], grid, height // grid, grid, width // grid, x.shape[-1])
+    deviation = tiles - tiles.mean(axis=(-4, -2), keepdims=True)
+    per_tile = np.sqrt((deviation**2).mean(axis=(-4, -2, -1)))
     return per_tile.max(axis=(-2, -1))
 
 

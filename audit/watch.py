@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from audit.config import AuditConfig, load_config
+from audit.errors import InputError
 from audit.files import folder_safe
 from audit.location import Location
 from audit.watch_state import WatchState, find_checkpoints, run_exists, signature, state_for
@@ -118,7 +119,11 @@ def _compare_pair(state: WatchState, previous: str, name: str, fail_if_new: bool
     done = state.read(f"{name}.compared.json")
     if done is not None and done.get("runs") == [run_a, run_b]:
         return
-    result = compare_runs(run_a, run_b)
+    try:
+        result = compare_runs(run_a, run_b)
+    except InputError as exc:  # detected with other thresholds (e.g. a recalibrated reference): no gate to apply
+        report.gate_failures[name] = [f"not comparable with {previous}: {exc}"]
+        return
     out = write_compare(result, default_out(run_b, result))
     reasons = gate(result, fail_if_new, max_rate_increase)
     summary = {"runs": [run_a, run_b], "compare": str(out), "previous": previous,

@@ -34,7 +34,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "embedding_storage": (["--rows", "50000"], []),
     "memory": ([], []),
     "scaling": ([], []),
-    "detection": (["--per-group", "8", "--samples", "4"], []),
+    "detection": (["--per-group", "8", "--samples", "4", "16"], []),
     "object_store": ([], []),
     "denoiser_variants": ([], ["--arch", "sd15", "--size", "512", "--batch-size", "16"]),
     "cliques": ([], []),
@@ -75,9 +75,15 @@ def headline(name: str, result: dict[str, Any]) -> str:
         chosen = result["types"]["fixed_size_binary (chosen)"]
         return f"fixed_size_binary write {chosen['write_s']:.2f} s, read {chosen['read_s']:.2f} s"
     if name == "detection":
-        n = max(result, key=int)
-        best = max(result[n]["methods"].items(), key=lambda kv: kv[1]["auc"])
-        return f"best prompt-level AUC at {n} samples/prompt: {best[0]} {best[1]['auc']:.3f} (TPR@1%FPR {best[1]['tpr@1%fpr']:.3f})"
+        parts = []
+        for testbed, by_n in result.items():
+            n = max(by_n, key=int)
+            calibrated = by_n[n]["calibrated"]
+            auc = calibrated["methods"]["flag test (-log p-value)"]["auc"]
+            held = calibrated["groups"].get("heldout", {})
+            parts.append(f"{testbed} n={n}: flag-test AUC {auc:.3f}, held out flagged "
+                         f"{held.get('flagged_count')}/{held.get('prompts')}")
+        return "; ".join(parts)
     if name == "object_store":
         return (f"S3 run root {result['s3_vs_local']:.3f}x the local-disk wall time ({result['samples']} samples, "
                 f"{result['objects']} objects); no-op resume on an empty cache {result['resume_s']:.1f} s")

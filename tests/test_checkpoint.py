@@ -54,7 +54,7 @@ def test_builtin_is_built_once_and_deterministic(tiny_checkpoint: Path) -> None:
     folder = builtin_checkpoint("tiny")
     assert builtin_checkpoint("tiny") == folder
     assert checkpoint_digest(folder)["sha256"] == checkpoint_digest(tiny_checkpoint)["sha256"]
-    with pytest.raises(InputError, match="unknown built-in checkpoint 'builtin:huge'; available: builtin:testbed, builtin:tiny"):
+    with pytest.raises(InputError, match="unknown built-in checkpoint 'builtin:huge'; available: builtin:testbed, builtin:testbed-maps, builtin:tiny"):
         builtin_checkpoint("huge")
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
 import pytest
 
 from audit.config import DetectionSection
-from audit.detect import verify
+from audit.detect import thresholds, verify
 from audit.detect.cliques import copy_graph, largest_clique
 from audit.detect.join import check_compatible, query_groups
 from audit.detect.scores import clique_min, memorization_score
@@ -96,11 +97,18 @@ def test_split_product_catches_a_pasted_object_that_cosine_misses() -> None:
 
 
 def test_labels_follow_webster() -> None:
-    cfg = DetectionSection()
-    assert verify.label(0.05, 0.99, True, cfg) == verify.MATCHING
-    assert verify.label(0.05, 0.99, False, cfg) == verify.RETRIEVED
-    assert verify.label(0.40, 0.80, False, cfg) == verify.TEMPLATE
-    assert verify.label(0.40, 0.20, True, cfg) == verify.NONE
+    paper = thresholds.paper(DetectionSection())
+    def measures(tiled: float, split: float, structure: float = 0.5) -> dict[str, float]:
+        return {"tiled_l2": tiled, "split_product": split, "structure_sum": structure}
+    assert verify.label(measures(0.05, 0.99), True, paper) == verify.MATCHING
+    assert verify.label(measures(0.05, 0.99), False, paper) == verify.RETRIEVED
+    assert verify.label(measures(0.40, 0.80), False, paper) == verify.TEMPLATE
+    assert verify.label(measures(0.40, 0.20), True, paper) == verify.NONE
+    # the papers' constants have no low-information rule; calibrated thresholds do
+    assert verify.label(measures(0.05, 0.99, 0.02), True, paper) == verify.MATCHING
+    calibrated = dataclasses.replace(paper, source=thresholds.CALIBRATED, low_information=True)
+    assert verify.label(measures(0.05, 0.99, 0.02), True, calibrated) == verify.LOW_INFORMATION
+    assert verify.label(measures(0.05, 0.99, 0.40), True, calibrated) == verify.MATCHING
     assert verify.is_own("A  red fox", None, "a red fox".replace("a", "A", 1), "k1")
     assert verify.is_own("anything", "k7", "other caption", "k7")
     assert not verify.is_own("a red fox", "k1", "a blue car", "k2")

@@ -109,6 +109,24 @@ def test_detection_resumes_and_refuses_another_embedding_model(testbed_run: dict
     assert manifest["embedding"]["model_id"] == "builtin:testbed-copy"
 
 
+def test_detection_applies_the_references_calibration_and_refuses_a_stale_one(
+        testbed_run: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    """`reference testbed` calibrated the reference; the run recorded the calibrated thresholds.
+    Settings the calibration was not made for are refused before any work, with the fix."""
+    run, tmp = testbed_run["run"], testbed_run["tmp"]
+    calibration = json.loads((tmp / "ref" / "calibration" / "calibration.json").read_text())
+    thresholds = json.loads((run / "thresholds.json").read_text())
+    assert thresholds["source"] == "calibrated" and thresholds["calibration"] == calibration
+    assert thresholds["match_l2"] != 0.15 and thresholds["verbatim_rate"]["of"] == calibration["images"]
+    markers = sorted((run / "prompt_scores" / "_markers").glob("*.json"))
+    assert all(json.loads(m.read_text())["inputs"]["thresholds"] for m in markers)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert main([*testbed_run["args"], "--set", "detection.verify_top=2"]) == 2
+    err = capsys.readouterr().err
+    assert "detection.verify_top: calibrated 3, configured 2" in err and "reference calibrate" in err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+
+
 def test_index_shard_actor_killed_mid_join_is_restarted_and_neighbors_are_identical(testbed_run: dict,
                                                                                      tmp_path: Path) -> None:
     import shutil

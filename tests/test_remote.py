@@ -287,6 +287,7 @@ def test_a_live_holder_renews_its_bucket_lock(server: dict, monkeypatch: pytest.
         assert again
 
 
+@pytest.mark.slow  # ~50 s on 2 cores; keeps the default suite under CI's 15 minutes
 def test_watch_over_a_bucket_prefix_audits_each_checkpoint_once(server: dict, ray_local: str, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture) -> None:
     from audit.testbed.architectures import TINY, build_pipeline, save_pipeline

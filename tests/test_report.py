@@ -63,6 +63,14 @@ def test_run_writes_the_report_and_it_matches_the_tables(demo: dict, capsys: pyt
     assert summary["verified_pairs"] == sum(m["label"] != "none" for m in matches)
     stats = summary["similarity"]
     assert stats["generated_to_train"]["n"] == 32 and stats["train_to_train"]["n"] > 100
+    # the thresholds detection applied: calibrated on the built-in reference, with the false-label
+    # rates they imply beside every sample-level rate (docs/calibration.md)
+    thresholds = summary["thresholds"]
+    assert thresholds == {**json.loads((run / "thresholds.json").read_text()), "clique_min": "auto"}
+    assert thresholds["source"] == "calibrated" and thresholds["calibration"]["images"] >= 600
+    expected = summary["expected_false"]["retrieved_verbatim"]
+    assert expected["of"] == thresholds["calibration"]["images"] and expected["rate"] <= expected["upper"] < 0.02
+    assert set(summary["plots"]) == {"calibration", "similarity", "detectors"}
     for name in summary["plots"].values():
         with Image.open(run / "report" / name) as image:
             assert image.format == "PNG" and image.size[0] > 300
@@ -97,7 +105,9 @@ def test_report_renders_in_chromium_with_gallery_plots_and_inert_captions(demo: 
     assert "<script>document.body" not in body
     gallery = body[body.index('id="gallery"'):body.index('id="plots-title"')]
     assert gallery.count('class="pair"') >= 3 and gallery.count('src="data:image/png;base64,') >= 6
-    assert 'id="plot-similarity"' in body and 'id="plot-detectors"' in body
+    assert 'id="plot-similarity"' in body and 'id="plot-detectors"' in body and 'id="plot-calibration"' in body
+    thresholds = body[body.index('id="thresholds"'):]
+    assert "calibrated</b> (calibrated on" in thresholds and "false labels alone:" in body
     assert body.count("<tr") == 9  # header + one row per prompt
     pixels = np.asarray(shot)
     assert shot.size == (1280, 2200) and pixels.std() > 20  # not a blank page
@@ -151,6 +161,24 @@ def test_compare_reports_exactly_the_planted_differences_and_gates(demo: dict, t
     assert main(["compare", str(a), str(b), "--max-rate-increase", "0.2", "--out", str(tmp_path / "d")]) == 0
     assert main(["compare", str(a), str(b), "--max-rate-increase", "0.1", "--out", str(tmp_path / "d")]) == 4
     assert main(["compare", str(a), str(a), "--fail-if-new-memorized", "--out", str(tmp_path / "e")]) == 0
+
+
+def test_compare_refuses_runs_detected_with_different_thresholds(demo: dict, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    a = demo["run"]
+    b = tmp_path / "b" / a.relative_to(demo["tmp"] / "runs")
+    shutil.copytree(a, b)
+    recorded = json.loads((b / "thresholds.json").read_text())
+    (b / "thresholds.json").write_text(json.dumps({**recorded, "source": "paper", "match_l2": 0.15,
+                                                   "low_information": False}))
+    capsys.readouterr()
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "different thresholds (source: calibrated vs paper" in err and "--allow-different-calibration" in err
+    assert not (tmp_path / "c").exists()
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "c"), "--allow-different-calibration"]) == 0
+    result = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert not result["thresholds"]["same"] and 'id="thresholds-differ"' in (tmp_path / "c" / "index.html").read_text()
 
 
 def test_analyst_notebook_executes_against_a_fresh_run(demo: dict, tmp_path: Path) -> None:

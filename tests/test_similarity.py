@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from audit.similarity import rms_l2, tiled_l2
+from audit.similarity import rms_l2, tile_structure, tiled_l2
 
 
 def test_identical_images_are_at_zero_and_uint8_equals_float() -> None:
@@ -34,3 +34,19 @@ def test_uniform_offset_and_broadcasting() -> None:
 def test_shapes_that_do_not_tile_are_refused() -> None:
     with pytest.raises(ValueError, match="do not split into 4x4 tiles"):
         tiled_l2(np.zeros((30, 30, 3)), np.zeros((30, 30, 3)))
+
+
+def test_structure_bounds_what_tiled_l2_can_tell_apart() -> None:
+    """Per tile, ||a - b|| <= ||mean colours apart|| + structure(a) + structure(b): images whose
+    structures sum below a threshold differ under it by their tile colours alone (docs/calibration.md)."""
+    rng = np.random.default_rng(1)
+    flat = np.full((32, 32, 3), 0.3, np.float32)
+    assert tile_structure(flat) == pytest.approx(0.0, abs=1e-7)
+    checker = np.indices((32, 32)).sum(axis=0) % 2
+    assert tile_structure(np.repeat(checker[..., None], 3, axis=-1).astype(np.float32)) == pytest.approx(0.5)
+    for _ in range(20):
+        a, b = rng.random((2, 32, 32, 3), dtype=np.float32) * rng.random(2)[:, None, None, None]
+        tile_means = [x.reshape(4, 8, 4, 8, 3).mean(axis=(1, 3), keepdims=True) for x in (a, b)]
+        colours = tiled_l2(*(np.broadcast_to(m, (4, 8, 4, 8, 3)).reshape(32, 32, 3) for m in tile_means))
+        assert tiled_l2(a, b) <= colours + tile_structure(a) + tile_structure(b) + 1e-6
+    assert tile_structure(rng.random((5, 16, 16, 3))).shape == (5,)

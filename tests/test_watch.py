@@ -80,6 +80,7 @@ def test_watch_audits_each_new_checkpoint_once_and_compares_it(ray_local: str, t
     assert len(runs_of(tmp_path / "runs")) == 3 and shard_times(tmp_path / "runs").items() >= before.items()
 
 
+@pytest.mark.slow  # ~50 s on 2 cores; keeps the default suite under CI's 15 minutes
 def test_concurrent_watch_invocations_audit_each_checkpoint_exactly_once(tmp_path: Path,
                                                                         capsys: pytest.CaptureFixture) -> None:
     ckpts, cfg = make_setup(tmp_path, ["step-1", "step-2"])

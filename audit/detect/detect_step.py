@@ -20,7 +20,8 @@ from audit import layout
 from audit.config import AuditConfig
 from audit.detect import verify
 from audit.detect.cliques import copy_graph, largest_clique
-from audit.detect.scores import clique_min, memorization_score
+from audit.detect.scores import clique_min, flag_p_value, memorization_score
+from audit.detect.thresholds import Thresholds
 from audit.embed.storage import decode_embeddings
 from audit.location import Location
 from audit.reference.images import ReferenceImages
@@ -28,7 +29,7 @@ from audit.reference.index import INDEX_DIR, load_manifest
 from audit.reference.locate import resolve_reference
 from audit.reference.vectors import VectorStore
 from audit.schema import MATCHES, PROMPT_SCORES, STATUS_ERROR, STATUS_OK
-from audit.similarity import pairwise_tiled_l2
+from audit.similarity import common_size, pairwise_tiled_l2, tile_structure
 from audit.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,12 @@ log = logging.getLogger(__name__)
 
 class DetectStep:
     """The detection step: holds what every shard needs (the config, the planned prompts, the
-    reference vectors and images); a task ``(shard, inputs)`` writes that shard's ``matches/`` and
-    then its ``prompt_scores/`` (whose marker means "detection done for this shard")."""
+    reference vectors and images, the thresholds resolved once for the run by the driver); a task
+    ``(shard, inputs)`` writes that shard's ``matches/`` and then its ``prompt_scores/`` (whose
+    marker means "detection done for this shard")."""
 
-    def __init__(self, cfg: AuditConfig, run: Location, device: str = "cpu"):
-        self.cfg, self.store, self.device = cfg, RunStore(run), device
+    def __init__(self, cfg: AuditConfig, run: Location, thresholds: Thresholds, device: str = "cpu"):
+        self.cfg, self.store, self.device, self.thresholds = cfg, RunStore(run), device, thresholds
         reference = resolve_reference(cfg.reference.path) if cfg.reference.path else None
         self.det = cfg.detection
         prompts = pq.read_table(self.store.readable_file(layout.prompts_file()), columns=["prompt_id", "prompt", "key"])
@@ -53,7 +55,7 @@ class DetectStep:
             self.images = ReferenceImages(reference, manifest)
 
     def describe(self) -> dict[str, Any]:
-        return {"device": self.device, "reference": self.images is not None}
+        return {"device": self.device, "reference": self.images is not None, "thresholds": self.thresholds.source}
 
     def run(self, task: tuple[str, dict[str, str]]) -> dict[str, Any]:
         shard, inputs = task
@@ -116,27 +118,54 @@ class DetectStep:
                 pairs.append(pair)
                 if pair["status"] == STATUS_OK:
                     splits.append(pair["split_product"])
-                    l2s.append(pair["tiled_l2"])
+                    if pair["label"] != verify.LOW_INFORMATION:  # its distance says nothing
+                        l2s.append(pair["tiled_l2"])
                     if verify.LABEL_ORDER[pair["label"]] > verify.LABEL_ORDER[best_label.get(sid, verify.NONE)]:
                         best_label[sid] = pair["label"]
         labels = list(best_label.values())
-        # With a reference set, clique members that are verified copies of *another* training image
-        # are evidence about that image's caption, not this prompt's (Webster's retrieved verbatim).
-        retrieved = {samples["sample_id"][ok[j]] for j in range(len(ok))
-                     if best_label.get(samples["sample_id"][ok[j]]) == verify.RETRIEVED}
-        clique_own = [m for m in clique.members if samples["sample_id"][ok[m]] not in retrieved]
+        explained = self._explained_by_other_images(ok, samples, best_label, pairs, neighbors)
+        clique_own = [m for m in clique.members if samples["sample_id"][ok[m]] not in explained]
         row.update(best_cosine=max(cosines) if cosines else None, best_split_product=max(splits) if splits else None,
                    min_tiled_l2=min(l2s) if l2s else None, n_matching=labels.count(verify.MATCHING),
-                   n_retrieved=labels.count(verify.RETRIEVED), n_template=labels.count(verify.TEMPLATE))
+                   n_retrieved=labels.count(verify.RETRIEVED), n_template=labels.count(verify.TEMPLATE),
+                   n_low_information=labels.count(verify.LOW_INFORMATION))
         row["score"] = memorization_score(len(members), row["n_matching"], len(clique_own), minimum)
-        row["flagged"] = row["score"] >= self.det.flag_score
+        row["p_value"] = flag_p_value(len(ok), row["n_matching"], len(clique_own), minimum,
+                                      self.thresholds.verbatim_rate.upper, self.thresholds.pair_rate.upper)
+        row["flagged"] = row["p_value"] <= self.thresholds.flag_fpr
         return row
 
+    def _explained_by_other_images(self, ok: list[int], samples: dict[str, list[Any]], best_label: dict[str, str],
+                                   pairs: list[dict[str, Any]],
+                                   neighbors: dict[str, list[tuple[int, int, str | None, float]]]) -> set[str]:
+        """Samples that are evidence about *another* training image's caption, not this prompt's
+        (Webster's retrieved verbatim): those verified as copies of another training image, and
+        those whose nearest training image is one of those images (or a near-duplicate of one,
+        cosine >= ``reference.dup_threshold``) — the rest of a clique around a retrieved image,
+        too far from it to pass verification. Without a reference set nothing is explained."""
+        retrieved = {samples["sample_id"][i] for i in ok if best_label.get(samples["sample_id"][i]) == verify.RETRIEVED}
+        targets = sorted({p["row"] for p in pairs if p["label"] == verify.RETRIEVED})
+        if not targets or self.vectors is None:
+            return retrieved
+        target_vectors = self.vectors.get(np.array(targets, np.int64)).astype(np.float32)
+        explained = set(retrieved)
+        for i in ok:
+            sid = samples["sample_id"][i]
+            found = sorted(neighbors.get(sid, []))
+            if sid in explained or not found or found[0][1] < 0:
+                continue
+            nearest = self.vectors.get(np.array([found[0][1]], np.int64)).astype(np.float32)[0]
+            if float(np.max(target_vectors @ nearest)) >= self.cfg.reference.dup_threshold:
+                explained.add(sid)
+        return explained
+
     def _clique(self, pngs: list[bytes]) -> Any:
+        """The largest clique of samples within ``clique_delta`` of each other; with calibrated
+        thresholds, pairs too flat to compare (structures summing below the distance) are no edge."""
         if len(pngs) < 2:
             return largest_clique(np.zeros((len(pngs), len(pngs)), bool))
         images = [Image.open(io.BytesIO(p)).convert("RGB") for p in pngs]
-        side = verify.common_size(images[0].size, images[0].size, self.det.verify_size, self.det.tile_grid)
+        side = common_size(images[0].size, images[0].size, self.det.verify_size, self.det.tile_grid)
         stack = np.stack([np.asarray(im if im.size == (side, side) else im.resize((side, side))) for im in images])
         if self.device == "cpu":
             distances = pairwise_tiled_l2(stack, self.det.tile_grid)
@@ -144,12 +173,18 @@ class DetectStep:
             from audit.detect.gpu import pairwise_tiled_l2_torch
 
             distances = pairwise_tiled_l2_torch(stack, self.det.tile_grid, self.device)
-        return largest_clique(copy_graph(distances, self.det.clique_delta))
+        delta = self.thresholds.clique_delta
+        graph = copy_graph(distances, delta)
+        if self.thresholds.low_information:
+            structure = tile_structure(stack, self.det.tile_grid)
+            graph &= (structure[:, None] + structure[None, :]) >= delta
+        return largest_clique(graph)
 
     def _verify(self, sid: str, prompt_id: str, rank: int, ref_row: int, key: str | None, png: bytes,
                 emb: np.ndarray | None, prompt: str, prompt_key: str | None) -> dict[str, Any]:
         pair: dict[str, Any] = {"sample_id": sid, "prompt_id": prompt_id, "rank": rank, "row": ref_row, "key": key,
                                 "own": False, "tiled_l2": None, "rms": None, "cosine": None, "split_product": None,
+                                "structure_sum": None,
                                 "label": verify.NONE, "status": STATUS_OK, "error": None}
         if self.images is None or self.vectors is None:
             return pair | {"status": STATUS_ERROR, "error": "no reference set configured (reference.path)"}
@@ -161,6 +196,6 @@ class DetectStep:
                 else "sample has no embedding"
             return pair | {"status": STATUS_ERROR, "error": why}
         measures = verify.compare(png, ref_png, emb, self.vectors.get(np.array([ref_row]))[0], self.det)
-        pair.update({k: measures[k] for k in ("tiled_l2", "rms", "cosine", "split_product")})
-        pair["label"] = verify.label(measures["tiled_l2"], measures["split_product"], pair["own"], self.det)
+        pair.update({k: measures[k] for k in ("tiled_l2", "rms", "cosine", "split_product", "structure_sum")})
+        pair["label"] = verify.label(measures, pair["own"], self.thresholds)
         return pair

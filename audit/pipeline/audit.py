@@ -23,7 +23,7 @@ from audit.generate.loading import resolve_numerics
 from audit.generate.generate_step import EMBEDDED_WHILE_GENERATING, GenerateStep
 from audit.pipeline.detection import detect, join_neighbors
 from audit.pipeline.pool import WorkerPool, run_tasks
-from audit.pipeline.reference import prepare_reference
+from audit.pipeline.reference import audit_thresholds, prepare_reference
 from audit.pipeline.ray_setup import cpu_actor_resources, embedding_placement, ray_session
 from audit.plan import ShardSpec
 from audit.runs import PreparedRun, create_or_resume_run, prepare_run
@@ -58,6 +58,7 @@ def run_audit(cfg: AuditConfig, address: str | None = None, retry_failed: bool =
         _check_reference(cfg, model_id)
     with ray_session(address or cfg.compute.address):
         reference = prepare_reference(cfg.reference.path) if cfg.reference.path else None
+        thresholds = audit_thresholds(cfg, reference, model_id)  # may calibrate the reference: before any work
         device, dtype = resolve_numerics(cfg.model, ray.cluster_resources().get("GPU", 0) > 0)
         store = create_or_resume_run(prepared, device.split(":")[0], dtype, force)
         generation = generate_samples(store, prepared, device, dtype, retry_failed)
@@ -67,16 +68,18 @@ def run_audit(cfg: AuditConfig, address: str | None = None, retry_failed: bool =
         names = [spec.name for spec in prepared.plan.shards()]
         sizes = {spec.name: len(spec.prompt_ids) * cfg.generation.samples_per_prompt for spec in prepared.plan.shards()}
         joined = join_neighbors(store, cfg, reference, names) if reference is not None else None  # no sync needed
-        detected = detect(store, cfg, names, sizes)
+        detected = detect(store, cfg, names, sizes, thresholds)
         store.sync()
     return AuditResult(store.path, generation, embeddings, joined, detected, store.location)
 
 
 def _check_reference(cfg: AuditConfig, model_id: str) -> None:
     from audit.reference.index import INDEX_DIR, load_manifest
-    from audit.reference.locate import BUILTIN_PREFIX, resolve_reference
+    from audit.reference.locate import BUILTIN_PREFIX, builtin_reference_folder, resolve_reference
 
     if str(cfg.reference.path).startswith(BUILTIN_PREFIX):
+        builtin_reference_folder(str(cfg.reference.path))  # an unknown name is refused before Ray starts
+        # Every built-in reference (each shipped testbed's training set) is embedded with the copy descriptor.
         if model_id != "builtin:testbed-copy":
             raise InputError(f"reference.path {cfg.reference.path} is embedded with builtin:testbed-copy, but the "
                              f"embedding section gives {model_id}; use embedding.kind: builtin")

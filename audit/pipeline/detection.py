@@ -27,6 +27,7 @@ from audit import layout
 from audit.config import AuditConfig
 from audit.detect.join import JoinStep, check_compatible, query_groups
 from audit.detect.detect_step import DetectStep
+from audit.detect.thresholds import Thresholds
 from audit.pipeline.pool import WorkerPool, reason, run_tasks
 from audit.pipeline.ray_setup import cpu_actor_resources
 from audit.pipeline.reference import prepare_reference
@@ -142,10 +143,14 @@ def _fan_out(actors: list[Any], args: list[tuple[Any, ...]], queries: np.ndarray
     return merge_topk([parts[i] for i in range(len(actors))], k)
 
 
-def detect(store: RunStore, cfg: AuditConfig, names: list[str], sizes: dict[str, int]) -> StepReport:
-    """Cliques, verification and prompt scores for every shard whose inputs changed."""
+def detect(store: RunStore, cfg: AuditConfig, names: list[str], sizes: dict[str, int],
+           thresholds: Thresholds) -> StepReport:
+    """Cliques, verification and prompt scores for every shard whose inputs changed (the
+    thresholds, resolved once on the driver, are recorded in ``thresholds.json`` and in every
+    shard's inputs: a new calibration redoes detection)."""
+    store.write_json(thresholds.to_json(), layout.THRESHOLDS_JSON)
     extra = {"detection": hashlib.sha256(json.dumps(cfg.detection.model_dump(mode="json"), sort_keys=True)
-                                         .encode()).hexdigest()[:16]}
+                                         .encode()).hexdigest()[:16], "thresholds": thresholds.digest()}
     tables = (layout.SAMPLES, layout.EMBEDDINGS, layout.NEIGHBORS) if cfg.reference.path \
         else (layout.SAMPLES, layout.EMBEDDINGS)
     todo = []
@@ -163,7 +168,8 @@ def detect(store: RunStore, cfg: AuditConfig, names: list[str], sizes: dict[str,
     if gpus:
         resources["num_gpus"] = min(1.0, gpus / n_workers)  # a GPU share: pairwise tiled L2 runs there
     prepare = partial(prepare_reference, str(cfg.reference.path)) if cfg.reference.path else None
-    spec = StepSpec(DetectStep, {"cfg": cfg, "run": store.where, "device": "cuda" if gpus else "cpu"}, prepare)
+    spec = StepSpec(DetectStep, {"cfg": cfg, "run": store.where, "thresholds": thresholds,
+                                 "device": "cuda" if gpus else "cpu"}, prepare)
     report = run_tasks(WorkerPool(spec, resources, "detection"), n_workers, todo, cfg.compute.max_attempts, "img",
                        "detect")
     report.shards_total, report.shards_skipped = len(names), len(names) - len(todo)

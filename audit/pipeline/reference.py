@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from audit.config import AuditConfig, load_config
 from audit.errors import InputError
@@ -14,10 +15,15 @@ from audit.location import Location
 from audit.pipeline.pool import WorkerPool, run_tasks
 from audit.pipeline.ray_setup import embedding_placement, ray_session
 from audit.reference.folder import EMBEDDING_JSON, read_embedding_json, shard_complete, write_embedding_json
-from audit.reference.locate import BUILTIN_PREFIX, builtin_reference_folder, is_built, resolve_reference
+from audit.reference.locate import (
+    BUILTIN_PREFIX, builtin_reference_folder, builtin_reference_name, is_built, resolve_reference,
+)
 from audit.reference.sources import find_shards
 from audit.remote import pull_tree
 from audit.step import ShardTask, StepReport, StepSpec
+
+if TYPE_CHECKING:
+    from audit.detect.thresholds import Thresholds
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +68,15 @@ def embed_reference(cfg: AuditConfig, source: str | Path | Location, out: str | 
     return report
 
 
-def _build_testbed_reference(folder: Path) -> None:
+def _build_testbed_reference(folder: Path, name: str = "testbed") -> None:
+    """Embed, index and dup-count the training set of the shipped testbed ``name`` into ``folder``."""
     from audit.reference.dups import write_dups
     from audit.reference.index import build_index
     from audit.reference.search import ReferenceIndex
     from audit.reference.training_set import write_shipped_training_set
 
     cfg = load_config(None)  # the built-in defaults: builtin:testbed-copy embedding, Flat index
-    source = write_shipped_training_set(folder)
+    source = write_shipped_training_set(folder, name)
     report = embed_reference(cfg, source, folder)
     if report.shards_failed:
         raise RuntimeError(f"embedding the testbed reference failed: {report.shards_failed}")
@@ -85,5 +92,18 @@ def prepare_reference(path: str) -> Path:
         folder = builtin_reference_folder(path)
         if not is_built(folder):
             log.info("building the built-in reference %s into %s", path, folder)
-            _build_testbed_reference(folder)
+            _build_testbed_reference(folder, builtin_reference_name(path))
     return resolve_reference(path)
+
+
+def audit_thresholds(cfg: AuditConfig, reference: Path | None, model_id: str) -> Thresholds:
+    """The detection thresholds of an audit against the prepared ``reference`` (calibrating it
+    first when it has no calibration; an object-store reference gets the calibration published)."""
+    from audit.detect.thresholds import for_audit
+
+    publish = None
+    builtin = str(cfg.reference.path).startswith(BUILTIN_PREFIX)
+    if reference is not None and not builtin:
+        where = Location.of(cfg.reference.path)
+        publish = where.publish_file if where.is_remote else None
+    return for_audit(cfg.detection, cfg.reference, reference, model_id, publish, owned=builtin)

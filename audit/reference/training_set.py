@@ -48,14 +48,15 @@ def write_training_set(items: list[TestbedItem], out: Path, rows_per_shard: int 
     return out
 
 
-def write_shipped_training_set(folder: Path) -> Path:
-    """The shipped testbed's training set (rebuilt from the seed and spec in its metrics.json)
-    as img2dataset shards under ``folder/img2dataset``."""
+def write_shipped_training_set(folder: Path, name: str = "testbed") -> Path:
+    """The training set of the shipped testbed ``name`` (``testbed`` or ``testbed-maps``), rebuilt
+    from the seed and spec in that testbed's own metrics.json, as img2dataset shards under
+    ``folder/img2dataset``."""
     import json
 
-    from audit.testbed.checkpoints import testbed_folder
+    from audit.testbed.checkpoints import shipped_folder
     from audit.testbed.dataset import build_dataset
     from audit.testbed.train import spec_from_dict
 
-    spec = spec_from_dict(json.loads((testbed_folder() / "metrics.json").read_text())["training"]["spec"])
+    spec = spec_from_dict(json.loads((shipped_folder(name) / "metrics.json").read_text())["training"]["spec"])
     return write_training_set(build_dataset(spec.dataset, spec.seed), folder / SOURCE_DIR)

@@ -32,3 +32,21 @@ def train_to_train(reference: Path, n: int = 2000, seed: int = 0) -> np.ndarray:
     scores, found = index.search(index.vectors.get(rows), 2)
     other = np.where(found[:, 0] == rows, scores[:, 1], scores[:, 0])  # skip the item itself
     return other[np.isfinite(other)].astype(np.float32)
+
+
+def generated_pairs(matches: pa.Table | None) -> dict[str, np.ndarray]:
+    """Per sample, over its verified pairs: the closest pixel distance (low-information pairs left
+    out: their distance says nothing) and the best split-product, the generated side of the
+    calibration's null."""
+    empty = {"tiled_l2": np.zeros(0), "split_product": np.zeros(0)}
+    if matches is None or matches.num_rows == 0:
+        return empty
+    ok = matches.filter(pc.equal(matches.column("status"), "ok"))
+    closest: dict[str, float] = {}
+    best: dict[str, float] = {}
+    for sid, tiled, split, label in zip(ok.column("sample_id").to_pylist(), ok.column("tiled_l2").to_pylist(),
+                                        ok.column("split_product").to_pylist(), ok.column("label").to_pylist()):
+        best[sid] = max(best.get(sid, -np.inf), split)
+        if label != "low_information":
+            closest[sid] = min(closest.get(sid, np.inf), tiled)
+    return {"tiled_l2": np.array(list(closest.values())), "split_product": np.array(list(best.values()))}

@@ -15,9 +15,9 @@ import pyarrow.compute as pc
 from audit.errors import InputError
 from audit.report import html as H
 from audit.report import plots
-from audit.report.baseline import generated_to_train, train_to_train
+from audit.report.baseline import generated_pairs, generated_to_train, train_to_train
 from audit.report.stats import LABELS, best_labels, summarise
-from audit.report.tables import complete_table, read_run, prompt_texts, require
+from audit.report.tables import complete_table, prompt_texts, read_run, require, run_thresholds
 from audit import layout
 from audit.location import Location
 from audit.remote import push_tree
@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 REPORT_DIR = layout.REPORT
 PROMPT_COLUMNS = (
     ("prompt", "prompt"), ("n_samples", "samples"), ("score", "score"), ("flagged", "flagged"),
-    ("n_matching", "matching verbatim"), ("n_retrieved", "retrieved verbatim"), ("n_template", "template"),
+    ("p_value", "p-value"), ("n_matching", "matching verbatim"), ("n_retrieved", "retrieved verbatim"),
+    ("n_template", "template"), ("n_low_information", "low information"),
     ("clique_size", "largest clique"), ("noise_magnitude", "noise magnitude"), ("best_cosine", "best cosine"),
     ("best_split_product", "best split-product"), ("min_tiled_l2", "min tiled L2"), ("prompt_id", "prompt id"),
 )
@@ -46,9 +47,12 @@ def write_report(run_path: str | Path | Location, gallery_size: int = 24, baseli
     out = store.path / REPORT_DIR
 
     summary = summarise(scores, samples, matches)
+    thresholds = run_thresholds(store, info)
     generated = generated_to_train(neighbors)
     baseline = train_to_train(reference, baseline_size) if reference else np.zeros(0, np.float32)
     figures = {
+        "calibration": plots.calibration_histograms(_null(reference), generated_pairs(matches), thresholds,
+                                                    out / "calibration.png"),
         "similarity": plots.similarity_histogram(generated, baseline, out / "similarity.png"),
         "detectors": plots.detector_distributions(scores, out / "detectors.png"),
     }
@@ -58,8 +62,10 @@ def write_report(run_path: str | Path | Location, gallery_size: int = 24, baseli
         "run": {k: info.get(k) for k in ("run_id", "model_name", "checkpoint_id", "created_at")},
         "run_path": store.full_location,
         "reference": str(reference) if reference else None,
-        "thresholds": {k: info["config"]["detection"][k] for k in
-                       ("flag_score", "match_l2", "template_similarity", "clique_delta", "clique_min")},
+        "thresholds": {**thresholds, "clique_min": info["config"]["detection"]["clique_min"]},
+        "expected_false": {"matching_verbatim": thresholds["verbatim_rate"],
+                           "retrieved_verbatim": thresholds["verbatim_rate"],
+                           "template_verbatim": thresholds["template_rate"]},
         "similarity": {"generated_to_train": _quantiles(generated), "train_to_train": _quantiles(baseline)},
         "plots": {name: path.name for name, path in figures.items()},
         "gallery": [{k: v for k, v in p.items() if not k.endswith("_uri")} for p in pairs],
@@ -85,6 +91,12 @@ def _reference(info: dict[str, Any]) -> Path | None:
         return resolve_reference(str(path))
     except InputError:
         return None
+
+
+def _null(reference: Path | None) -> Any:
+    from audit.reference.calibration import read_null
+
+    return read_null(reference) if reference is not None else None
 
 
 def _quantiles(values: np.ndarray) -> dict[str, float] | None:
@@ -159,15 +171,28 @@ def _document(info: dict[str, Any], summary: dict[str, Any], pairs: list[dict[st
 
 def _cards(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """The headline cards: prompts, then flagged prompts and samples by best verified label, each a
-    rate with its 95% Wilson interval."""
+    rate with its 95% Wilson interval, each sample label beside the rate false labels alone give."""
     cards = [{"title": "prompts", "value": summary["prompts"],
               "note": f"{summary['samples']} samples, {summary['samples_error']} failed"},
              _rate_card("flagged prompts", summary["flagged_prompts"])]
-    return cards + [_rate_card(f"samples: {label.replace('_', ' ')}", summary["samples_by_label"][label])
-                    for label in LABELS]
+    cards += [_rate_card(f"samples: {label.replace('_', ' ')}", summary["samples_by_label"][label])
+              | {"expected": expected_note(summary["expected_false"][label])} for label in LABELS]
+    if summary["thresholds"].get("low_information"):
+        cards.append(_rate_card("samples: low information", summary["samples_low_information"]))
+    return cards
 
 
 def _rate_card(title: str, r: dict[str, Any]) -> dict[str, str]:
     low, high = r["ci95"]
     return {"title": title, "value": f"{r['count']} / {r['of']}",
             "note": f"{100 * r['rate']:.1f}% (95% CI {100 * low:.1f}–{100 * high:.1f}%)"}
+
+
+def expected_note(expected: dict[str, Any] | None) -> str:
+    """What false labels alone give: measured on the calibration's training images, or assumed."""
+    if not expected:
+        return "false labels alone: unknown (detected before thresholds were recorded)"
+    if expected.get("of"):
+        return (f"false labels alone: {100 * expected['rate']:.2f}% (≤ {100 * expected['upper']:.2f}%, "
+                f"{expected['count']} of {expected['of']} training images)")
+    return f"false labels alone: assumed {100 * expected['upper']:.2f}% (no calibration)"

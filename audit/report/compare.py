@@ -11,7 +11,8 @@ from typing import Any
 
 from audit.report import html as H
 from audit.report.stats import LABELS, summarise
-from audit.report.tables import complete_table, read_run, prompt_texts, require
+from audit.errors import InputError
+from audit.report.tables import complete_table, prompt_texts, read_run, require, run_thresholds
 from audit import layout
 from audit.location import Location
 from audit.remote import push_tree
@@ -30,11 +31,31 @@ def _load(path: str | Path) -> dict[str, Any]:
         "flags": dict(zip(scores.column("prompt_id").to_pylist(), (bool(f) for f in scores.column("flagged").to_pylist()))),
         "score": dict(zip(scores.column("prompt_id").to_pylist(), scores.column("score").to_pylist())),
         "text": prompt_texts(store),
+        "thresholds": run_thresholds(store, info),
     }
 
 
-def compare_runs(path_a: str | Path, path_b: str | Path) -> dict[str, Any]:
+def threshold_identity(thresholds: dict[str, Any]) -> dict[str, Any]:
+    """What two runs must share for their verdicts to mean the same: the thresholds, their source
+    and the calibration they came from."""
+    calibration = thresholds.get("calibration") or {}
+    return {"source": thresholds["source"], "match_l2": round(float(thresholds["match_l2"]), 6),
+            "template_similarity": round(float(thresholds["template_similarity"]), 6),
+            "low_information": bool(thresholds.get("low_information")), "flag_fpr": thresholds.get("flag_fpr"),
+            "calibration": {k: calibration.get(k) for k in ("model_id", "index", "images", "seed", "created_at")}
+            if calibration else None}
+
+
+def compare_runs(path_a: str | Path, path_b: str | Path, allow_different_thresholds: bool = False) -> dict[str, Any]:
+    """What changed from run A to run B; refused (InputError) when their verdicts come from
+    different thresholds or calibrations, unless ``allow_different_thresholds``."""
     a, b = _load(path_a), _load(path_b)
+    ida, idb = threshold_identity(a["thresholds"]), threshold_identity(b["thresholds"])
+    if ida != idb and not allow_different_thresholds:
+        differing = ", ".join(f"{k}: {ida.get(k)} vs {idb.get(k)}" for k in ida if ida.get(k) != idb.get(k))
+        raise InputError(f"{a['path']} and {b['path']} were detected with different thresholds ({differing}); their "
+                         "rates do not compare. Audit both against the same calibrated reference, or pass "
+                         "--allow-different-calibration to compare anyway")
     common = sorted(set(a["flags"]) & set(b["flags"]))
 
     def listed(ids: list[str]) -> list[dict[str, Any]]:
@@ -57,6 +78,7 @@ def compare_runs(path_a: str | Path, path_b: str | Path) -> dict[str, Any]:
         "no_longer_memorized": listed(gone),
         "still_memorized": listed(both),
         "settings_differences": _differences(a["info"]["config"], b["info"]["config"]),
+        "thresholds": {"a": ida, "b": idb, "same": ida == idb},
     }
 
 
@@ -123,7 +145,7 @@ def _document(result: dict[str, Any]) -> str:
     return H.render("compare.html.j2", "memaudit compare", a=result["a"], b=result["b"],
                     common_prompts=result["common_prompts"], only_in_a=result["only_in_a"],
                     only_in_b=result["only_in_b"], rates=rates, sections=sections,
-                    differences=result["settings_differences"])
+                    differences=result["settings_differences"], thresholds=result["thresholds"])
 
 
 def _rate(r: dict[str, Any]) -> str:

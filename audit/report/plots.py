@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -31,6 +32,34 @@ def similarity_histogram(generated: np.ndarray, baseline: np.ndarray, out: Path)
         ax.legend(loc="upper left")
     else:
         ax.text(0.5, 0.5, "no reference set: no neighbors", ha="center", va="center", transform=ax.transAxes)
+    return _save(fig, out)
+
+
+def calibration_histograms(null: Any, generated: dict[str, np.ndarray], thresholds: dict[str, Any],
+                           out: Path) -> Path:
+    """The calibration's null (each sampled training image against its nearest distinct training
+    images) beside the generated samples against their neighbours, with the thresholds in use:
+    closest tiled L2 (copies fall left of the line) and best split-product (templates right)."""
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.4))
+    panels = (("tiled_l2", "closest tiled L2 (pixel copy left of the line)", "match_l2", np.nanmin),
+              ("split_product", "best split-product (template right of the line)", "template_similarity", np.nanmax))
+    for ax, (name, title, key, reduce) in zip(axes, panels):
+        train = reduce(getattr(null, name), axis=1) if null is not None else np.zeros(0)
+        train = train[np.isfinite(train)]
+        mine = generated[name][np.isfinite(generated[name])]
+        values = np.concatenate([train, mine, [thresholds[key]]])
+        bins = np.linspace(float(values.min()), float(values.max()) + 1e-9, 41)
+        if train.size:
+            ax.hist(train, bins=bins, density=True, alpha=0.55, color="#7f7f7f", label=f"train → train (n={train.size})")
+        if mine.size:
+            ax.hist(mine, bins=bins, density=True, alpha=0.55, color="#d62728", label=f"generated → train (n={mine.size})")
+        ax.axvline(thresholds[key], color="black", linestyle="--", label=f"{thresholds['source']} threshold "
+                                                                          f"{thresholds[key]:.4g}")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    if null is None:
+        axes[0].text(0.5, 0.6, "no calibration", ha="center", transform=axes[0].transAxes)
+    fig.suptitle("Calibration: the training set against itself, and the generations", fontsize=10)
     return _save(fig, out)
 
 

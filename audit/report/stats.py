@@ -8,7 +8,9 @@ import numpy as np
 import pyarrow as pa
 from scipy.stats import binomtest, norm
 
-LABELS = ("matching_verbatim", "retrieved_verbatim", "template_verbatim")
+from audit.detect.verify import LABEL_ORDER, LOW_INFORMATION
+
+LABELS = ("matching_verbatim", "retrieved_verbatim", "template_verbatim")  # the copy labels, strongest first
 Z95 = 1.959963984540054
 
 
@@ -29,14 +31,13 @@ def rate(successes: int, trials: int) -> dict[str, Any]:
 
 
 def best_labels(matches: pa.Table | None) -> dict[str, str]:
-    """Each sample's strongest verified label (matching > retrieved > template)."""
+    """Each sample's strongest verified label (matching > retrieved > template > low information)."""
     if matches is None or matches.num_rows == 0:
         return {}
-    order = {label: len(LABELS) - i for i, label in enumerate(LABELS)}
     best: dict[str, str] = {}
     for sid, label, status in zip(matches.column("sample_id").to_pylist(), matches.column("label").to_pylist(),
                                   matches.column("status").to_pylist()):
-        if status == "ok" and label in order and order[label] > order.get(best.get(sid, ""), 0):
+        if status == "ok" and LABEL_ORDER.get(label, 0) > LABEL_ORDER.get(best.get(sid, ""), 0):
             best[sid] = label
     return best
 
@@ -61,6 +62,7 @@ def summarise(scores: pa.Table, samples_status: pa.Table, matches: pa.Table | No
         "flagged_prompts": rate(flagged, n_prompts),
         "samples_by_label": {label: rate(by_label[label], n_ok) for label in LABELS},
         "prompts_by_label": {label: rate(prompts_by_label[label], n_prompts) for label in LABELS},
+        "samples_low_information": rate(sum(v == LOW_INFORMATION for v in labels.values()), n_ok),
         "verified_pairs": int(sum(1 for v in (matches.column("label").to_pylist() if matches is not None else [])
                                   if v in LABELS)),
     }

@@ -55,3 +55,15 @@ def prompt_texts(store: RunStore) -> dict[str, str]:
     """prompt_id -> prompt text of the run's planned prompts."""
     prompts = pq.read_table(store.table_dir(layout.PROMPTS), columns=["prompt_id", "prompt"]).to_pydict()
     return dict(zip(prompts["prompt_id"], prompts["prompt"]))
+
+
+def run_thresholds(store: RunStore, info: dict[str, Any]) -> dict[str, Any]:
+    """The thresholds detection applied (``thresholds.json``); for a run detected before it was
+    recorded, the paper constants of its config, rates unknown."""
+    recorded = store.read_json(layout.THRESHOLDS_JSON)
+    if recorded is not None:
+        return recorded
+    det = info["config"]["detection"]
+    return {"source": "paper", "match_l2": det["match_l2"], "template_similarity": det["template_similarity"],
+            "clique_delta": det["clique_delta"], "low_information": False, "verbatim_rate": None,
+            "template_rate": None, "pair_rate": None, "flag_fpr": None, "calibration": None}

@@ -1,4 +1,9 @@
-"""Files that travel with the trained testbed: ground truth, audit prompts, model card, examples."""
+"""Files that travel with a trained testbed: ground truth, audit prompts, model card, examples.
+
+The card is rendered from the recorded training spec, so it says which kind of testbed it
+describes (``glyphs``: ``builtin:testbed``; ``maps``: ``builtin:testbed-maps``), what the kind is
+built from and which scheduler samples it; specs recorded before the kinds existed are glyphs.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from audit import ids
-from audit.testbed.dataset import TestbedItem
+from audit.testbed.checkpoints import SHIPPED_KINDS
+from audit.testbed.dataset import FLAT_SHARE, MAX_CROP_DETAIL, MIN_DISTANCE, TestbedItem
 from audit.testbed.evaluate import group_name
 
 GROUND_TRUTH = "ground_truth.parquet"
@@ -21,6 +27,18 @@ METRICS = "metrics.json"
 CARD = "README.md"
 EXAMPLES = "examples.png"
 PIPELINE = "pipeline"
+BUILTIN_NAMES = {kind: f"builtin:{name}" for kind, name in SHIPPED_KINDS.items()}
+SCHEDULER_NAMES = {"pndm": "PNDM", "ddim": "DDIM"}
+
+
+def _kind(spec: dict[str, Any]) -> str:
+    """The dataset kind of a recorded spec (absent: recorded before kinds existed, so glyphs)."""
+    return str(spec["dataset"].get("kind", "glyphs"))
+
+
+def _scheduler(spec: dict[str, Any]) -> str:
+    """The sampling scheduler's display name of a recorded spec (absent: PNDM)."""
+    return SCHEDULER_NAMES[str(spec.get("scheduler", "pndm"))]
 
 
 def write_ground_truth(items: list[TestbedItem], folder: Path) -> Path:
@@ -93,26 +111,46 @@ def _results_table(evaluation: dict[str, Any]) -> str:
 
 def _intro_section(train_log: dict[str, Any], command: str) -> str:
     """Title, what the testbed is for, and the command (and time) that reproduces it."""
-    return f"""# memaudit testbed: a tiny text-to-image model that memorized its duplicated training pairs
+    kind = _kind(train_log["spec"])
+    second = "" if kind == "glyphs" else (
+        "\nA second testbed, of another kind than `builtin:testbed` (other images, more duplication, a\n"
+        "DDIM scheduler), so that detection thresholds are checked on a testbed they were not tuned on.\n")
+    title = "memaudit testbed" if kind == "glyphs" else f"memaudit {kind} testbed"
+    return f"""# {title}: a tiny text-to-image model that memorized its duplicated training pairs
 
-The built-in checkpoint `builtin:testbed`: a real `StableDiffusionPipeline` trained here, on CPU,
+The built-in checkpoint `{BUILTIN_NAMES[kind]}`: a real `StableDiffusionPipeline` trained here, on CPU,
 so that memaudit has something that truly memorizes, with ground truth by construction
 (Carlini et al. 2023: the duplicated training examples are the ones that get memorized).
-
+{second}
 Reproduce: `{command}` ({train_log['seconds'] / 60:.0f} min on {_where(train_log)}).
 """
+
+
+def _source_text(kind: str, n_images: int) -> str:
+    """What the images of a dataset kind are built from (continues "built from data that ships")."""
+    if kind == "maps":
+        n_flat = int(round(FLAT_SHARE * n_images))
+        return f"""with matplotlib: crops of the elevation grids `jacksboro_fault_dem.npz` and `topobathy.npz`
+  and of the MRI slice `s1045.ima.gz`, rendered through a random colormap with or without random
+  hill-shading, and crops of the photo `grace_hopper.jpg`; random side and place, random flips.
+  {n_flat} of them ({FLAT_SHARE:.0%}) are near-flat instead: one colour each, a faint ramp and noise
+  of a few grey levels, as real training sets hold (two such images are not copies of each other).
+  Every image distinct: no two crops within a tiled L2 of {MIN_DISTANCE}, none busier than the
+  small autoencoder gives back (mean |Laplacian| at most {MAX_CROP_DETAIL})."""
+    return """with scikit-learn: a crop of `china.jpg` or `flower.jpg` with one `load_digits` glyph drawn
+  over it in a random colour; every image distinct."""
 
 
 def _data_section(data: dict[str, Any]) -> str:
     """How the image–caption pairs were built and duplicated, and the ground-truth files."""
     groups = data["duplicate_groups"]
     n_entries = data["n_single"] + sum(int(k) * n for k, n in groups.items())
+    n_images = data["n_single"] + sum(groups.values()) + data["n_heldout"]
     dup_text = ", ".join(f"{n} pairs × {k}" for k, n in sorted(groups.items(), key=lambda kv: -int(kv[0])))
     return f"""## Data
 
-- {data['n_single'] + sum(groups.values()) + data['n_heldout']} image–caption pairs, {data['size']}×{data['size']} RGB, built from data that ships
-  with scikit-learn: a crop of `china.jpg` or `flower.jpg` with one `load_digits` glyph drawn
-  over it in a random colour; every image distinct.
+- {n_images} image–caption pairs, {data['size']}×{data['size']} RGB, built from data that ships
+  {_source_text(str(data.get('kind', 'glyphs')), n_images)}
 - Captions are random phrases that do not describe the image, so an image can only come back
   from its caption if the pair was memorized.
 - Training set: {dup_text}, and {data['n_single']} single pairs — {n_entries} entries per epoch.
@@ -129,7 +167,7 @@ def _model_section(train_log: dict[str, Any], folder: Path) -> str:
 - UNet2DConditionModel trained here: three levels (32/64/64 channels; 16, 8 and 4 latent pixels),
   cross-attention at the lower two; AutoencoderKL trained here (32/64 channels, downsampling 2,
   4 latent channels, scaling factor {train_log['vae_scaling_factor']:.4f}); CLIPTextModel
-  (hidden 32, 2 layers) with seeded random weights, frozen; CLIP's BPE tokenizer; PNDM scheduler
+  (hidden 32, 2 layers) with seeded random weights, frozen; CLIP's BPE tokenizer; {_scheduler(train_log['spec'])} scheduler
   with Stable Diffusion 1's noise schedule.
 - Weights: float16 safetensors, {_size_mb(folder / PIPELINE):.1f} MB in `{PIPELINE}/`; load with
   `DiffusionPipeline.from_pretrained` (any dtype).
@@ -149,13 +187,14 @@ loss {train_log['unet_loss_first100']:.4f} (first 100 steps) → {train_log['une
 """
 
 
-def _memorization_section(evaluation: dict[str, Any]) -> str:
-    """How memorization was measured, the per-group results table, and the examples sheet."""
+def _memorization_section(evaluation: dict[str, Any], scheduler: str = "PNDM") -> str:
+    """How memorization was measured (with ``scheduler``, the pipeline's own), the per-group
+    results table, and the examples sheet."""
     return f"""## What it memorized
 
 Tiled L2 (Carlini et al.: 4×4 tiles, RMS per tile on [0, 1] pixels, max over tiles) from each
 generation to its caption's own training image; {evaluation['samples_per_caption']} samples per caption,
-{evaluation['steps']} PNDM steps, guidance 7.5, run seed {evaluation['seed']}. "Extracted": captions with a sample
+{evaluation['steps']} {scheduler} steps, guidance 7.5, run seed {evaluation['seed']}. "Extracted": captions with a sample
 within {evaluation['threshold']} of their own image (matching verbatim, in Webster's terms). "Retrieved":
 samples within {evaluation['threshold']} of *another* training image (retrieved verbatim: unseen and rarely
 seen captions often fall back on a memorized image). "VAE floor": the autoencoder's own round
@@ -182,7 +221,7 @@ def card_text(train_log: dict[str, Any], evaluation: dict[str, Any], folder: Pat
         _data_section(train_log["spec"]["dataset"]),
         _model_section(train_log, folder),
         _training_section(train_log),
-        _memorization_section(evaluation),
+        _memorization_section(evaluation, _scheduler(train_log["spec"])),
     ]
     return "\n".join(sections)
 

@@ -1,6 +1,7 @@
 """Built-in checkpoints (``model.path: builtin:<name>``).
 
-``builtin:testbed`` is the trained testbed shipped in the package; the others are built once
+``builtin:testbed`` (glyphs) and ``builtin:testbed-maps`` (maps, a testbed of another kind to
+validate thresholds on) are trained testbeds shipped in the package; the others are built once
 into the cache (:func:`audit.files.cached_build`). Building is deterministic (seeded), so every machine of a
 cluster builds the same bytes.
 """
@@ -25,20 +26,38 @@ def _build_tiny(folder: Path) -> None:
 BUILDERS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "tiny": ("tiny-v1", _build_tiny),
 }
-SHIPPED = ("testbed",)
 
 
 def testbed_folder() -> Path:
-    """The trained testbed shipped inside the package (see its README.md model card)."""
+    """The trained glyph testbed shipped inside the package (see its README.md model card)."""
     return Path(__file__).parent / "trained"
+
+
+def maps_testbed_folder() -> Path:
+    """The trained maps testbed shipped inside the package (see its README.md model card)."""
+    return Path(__file__).parent / "trained_maps"
+
+
+# Each shipped testbed's folder (pipeline/, audit_prompts.txt, metrics.json, ...) by builtin name.
+SHIPPED: dict[str, Callable[[], Path]] = {"testbed": testbed_folder, "testbed-maps": maps_testbed_folder}
+# The builtin name of the shipped testbed of each dataset kind (audit.testbed.dataset.KINDS).
+SHIPPED_KINDS = {"glyphs": "testbed", "maps": "testbed-maps"}
+
+
+def shipped_folder(name: str) -> Path:
+    """The packaged folder of the shipped testbed ``name`` (``testbed`` or ``testbed-maps``)."""
+    if name not in SHIPPED:
+        raise InputError(f"unknown shipped testbed 'builtin:{name}'; available: "
+                         f"{', '.join('builtin:' + n for n in SHIPPED)}")
+    return SHIPPED[name]()
 
 
 def builtin_checkpoint(name: str) -> Path:
     """The folder of a built-in checkpoint, building it on first use."""
-    if name == "testbed":
-        folder = testbed_folder() / "pipeline"
+    if name in SHIPPED:
+        folder = shipped_folder(name) / "pipeline"
         if not (folder / "model_index.json").is_file():
-            raise InputError(f"model.path: the built-in testbed is missing from {folder}; reinstall memaudit")
+            raise InputError(f"model.path: the built-in {name} is missing from {folder}; reinstall memaudit")
         return folder
     if name not in BUILDERS:
         raise InputError(

@@ -6,6 +6,8 @@ UNet2DConditionModel are trained here (the VAE first, then the UNet on frozen la
 small frozen CLIP text encoder (seeded random weights: no pretrained one can be downloaded) and
 CLIP's own tokenizer. The UNet is trained as Stable Diffusion was: epsilon prediction under SD's
 noise schedule, 10% caption dropout so classifier-free guidance works, an EMA of the weights.
+The sampling scheduler saved with the pipeline is part of the spec (PNDM for the glyph testbed,
+DDIM for the maps testbed), so the two testbeds also differ in how they are sampled.
 Everything is seeded; on one machine a re-run gives the same figures.
 """
 
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 
 from audit.progress import Progress
 from audit.testbed.architectures import SD_SCHEDULE, TESTBED
-from audit.testbed.dataset import DatasetSpec, TestbedItem, build_dataset, training_entries
+from audit.testbed.dataset import DatasetSpec, TestbedItem, build_dataset, dataset_spec, training_entries
 from audit.testbed.tokenizer import clip_tokenizer
 
 log = logging.getLogger(__name__)
@@ -46,9 +48,39 @@ class TrainSpec:
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     kl_weight: float = 1e-6
+    scheduler: str = "pndm"  # the sampling scheduler saved with the pipeline: one of SCHEDULERS
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown testbed scheduler {self.scheduler!r}; one of {', '.join(SCHEDULERS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+SCHEDULERS = ("pndm", "ddim")
+
+
+def sampling_scheduler(name: str) -> Any:
+    """The diffusers scheduler saved with the pipeline, on Stable Diffusion 1's noise schedule:
+    ``pndm`` as SD1 shipped it, ``ddim`` configured as SD1's DDIM (no final alpha of one, steps
+    offset by one, no sample clipping)."""
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    if name == "pndm":
+        return PNDMScheduler(**SD_SCHEDULE)
+    if name == "ddim":
+        keys = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps")
+        return DDIMScheduler(**{k: SD_SCHEDULE[k] for k in keys}, set_alpha_to_one=False, steps_offset=1,
+                             clip_sample=False)
+    raise ValueError(f"unknown testbed scheduler {name!r}; one of {', '.join(SCHEDULERS)}")
+
+
+def train_spec(kind: str = "glyphs", seed: int = 0, **overrides: Any) -> TrainSpec:
+    """The spec a testbed kind is trained with: its dataset, and DDIM sampling for ``maps`` (a
+    second noise scheduler, so nothing gets tuned to PNDM's samples)."""
+    scheduler = "ddim" if kind == "maps" else "pndm"
+    return TrainSpec(seed=seed, dataset=dataset_spec(kind), scheduler=scheduler, **overrides)
 
 
 @dataclass
@@ -173,7 +205,7 @@ def train_unet(
 def train_testbed(spec: TrainSpec, device: str = "cpu") -> TrainResult:
     """Build the dataset, train VAE then UNet on ``device``, and assemble the pipeline (float32,
     on the CPU). A GPU trains faster; its figures match the CPU's within tolerance, not bitwise."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
     started = time.time()
@@ -201,7 +233,7 @@ def train_testbed(spec: TrainSpec, device: str = "cpu") -> TrainResult:
     )
     pipeline = StableDiffusionPipeline(
         vae=vae.cpu(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.cpu(),
-        scheduler=PNDMScheduler(**SD_SCHEDULE), safety_checker=None, feature_extractor=None,
+        scheduler=sampling_scheduler(spec.scheduler), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     return TrainResult(pipeline, items, {
@@ -219,7 +251,8 @@ def train_testbed(spec: TrainSpec, device: str = "cpu") -> TrainResult:
 
 
 def spec_from_dict(data: dict[str, Any]) -> TrainSpec:
-    """Inverse of ``TrainSpec.to_dict`` (JSON turns the duplication counts into strings)."""
+    """Inverse of ``TrainSpec.to_dict`` (JSON turns the duplication counts into strings). Specs
+    recorded before the maps testbed have no ``kind`` or ``scheduler``: the defaults are theirs."""
     dataset = dict(data["dataset"])
     dataset["duplicate_groups"] = {int(k): int(v) for k, v in dataset["duplicate_groups"].items()}
     return TrainSpec(**{**data, "dataset": DatasetSpec(**dataset)})
