@@ -144,8 +144,15 @@ class DetectStep:
         cosine >= ``reference.dup_threshold``) — the rest of a clique around a retrieved image,
         too far from it to pass verification. Without a reference set nothing is explained."""
         retrieved = {samples["sample_id"][i] for i in ok if best_label.get(samples["sample_id"][i]) == verify.RETRIEVED}
+        if self.vectors is None:
+            return retrieved
+        # With a reference set, a clique counts for this prompt only around its own training image:
+        # samples none of whose verified neighbours is the prompt's own image are not its evidence
+        # (a held-out caption whose samples keep falling back on one unverified image).
+        near_own = {p["sample_id"] for p in pairs if p["own"] and p["status"] == STATUS_OK}
+        retrieved |= {samples["sample_id"][i] for i in ok if samples["sample_id"][i] not in near_own}
         targets = sorted({p["row"] for p in pairs if p["label"] == verify.RETRIEVED})
-        if not targets or self.vectors is None:
+        if not targets:
             return retrieved
         target_vectors = self.vectors.get(np.array(targets, np.int64)).astype(np.float32)
         explained = set(retrieved)
