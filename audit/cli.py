@@ -59,8 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     actions = testbed.add_subparsers(dest="action", required=True, metavar="ACTION")
     build = actions.add_parser("build", help="save a pipeline with random weights (safetensors)")
     build.add_argument("out", type=Path, help="output folder")
-    build.add_argument("--arch", choices=["tiny", "testbed", "sd15"], default="tiny",
-                       help="tiny (tests), testbed (untrained), sd15 (full SD1.5 architecture)")
+    build.add_argument("--arch", choices=["tiny", "testbed", "sd15", "sd2", "sdxl", "sd3", "flux", "pixart"],
+                       default="tiny",
+                       help="tiny (tests), testbed (untrained), sd15 (full SD1.5 architecture), or a tiny "
+                            "pipeline of another family: sd2, sdxl, sd3, flux, pixart (32 px; flux needs "
+                            "height/width passed, multiples of 4)")
     build.add_argument("--seed", type=int, default=0)
     train = actions.add_parser("train", help="train the memorizing testbed and write its folder and model card")
     train.add_argument("out", type=Path, help="output folder (new or empty)")
@@ -71,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--vae-steps", type=int, default=None)
     train.add_argument("--unet-steps", type=int, default=None)
     train.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")
+    lora = actions.add_parser("train-lora", help="fine-tune a LoRA adapter of builtin:testbed on a small set with "
+                                                 "planted duplicates; write its folder and model card")
+    lora.add_argument("out", type=Path, help="output folder (new or empty)")
+    lora.add_argument("--seed", type=int, default=None, help="the fine-tuning set's and the training's (default 1; "
+                                                               "the base testbed's dataset is seed 0)")
+    lora.add_argument("--steps", type=int, default=None, help="training steps (default: the shipped testbed's)")
+    lora.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")
     evaluate = actions.add_parser("evaluate", help="re-measure a trained testbed's memorization")
     evaluate.add_argument("folder", type=Path, nargs="?", help="testbed folder (default: the built-in one)")
     evaluate.add_argument("--write", metavar="COMMAND",
@@ -136,10 +146,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _testbed(args: argparse.Namespace) -> int:
     if args.action == "build":
         from audit.testbed.architectures import ARCHITECTURES, build_pipeline, save_pipeline
+        from audit.testbed.families import FAMILIES, build_family
 
         if args.out.exists() and any(args.out.iterdir()):
             raise MemauditError(f"{args.out}: folder exists and is not empty; choose a new folder")
-        save_pipeline(build_pipeline(ARCHITECTURES[args.arch], seed=args.seed), args.out)
+        if args.arch in FAMILIES:
+            pipe = build_family(args.arch, seed=args.seed)
+        else:
+            pipe = build_pipeline(ARCHITECTURES[args.arch], seed=args.seed)
+        save_pipeline(pipe, args.out)
         print(args.out)
         return EXIT_OK
     from audit.testbed.package import TrainSpec, evaluate_folder, format_groups, train_and_package
@@ -163,6 +178,23 @@ def _testbed(args: argparse.Namespace) -> int:
 
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         print(format_groups(train_and_package(args.out, spec, command, device=device)))
+        print(args.out)
+        return EXIT_OK
+    if args.action == "train-lora":
+        import dataclasses
+
+        import torch
+
+        from audit.testbed.lora import LoraSpec
+        from audit.testbed.lora_package import train_and_package_lora
+
+        overrides = {k: v for k, v in (("seed", args.seed), ("steps", args.steps)) if v is not None}
+        command = "memaudit testbed train-lora OUT" + "".join(f" --{k} {v}" for k, v in overrides.items())
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        metrics = train_and_package_lora(args.out, dataclasses.replace(LoraSpec(), **overrides), command,
+                                         device=device)
+        print("with the adapter:\n" + format_groups(metrics["memorization"])
+              + "\nbase alone:\n" + format_groups(metrics["memorization_without_adapter"]))
         print(args.out)
         return EXIT_OK
     from audit.testbed.checkpoints import testbed_folder

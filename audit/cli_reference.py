@@ -41,8 +41,9 @@ def add_parser(commands: argparse._SubParsersAction, with_config: Callable[[argp
     testbed = actions.add_parser("testbed", help="the testbed's training set as a reference: embed, index, dups, "
                                                  "calibrate")
     testbed.add_argument("out", type=location, help="reference folder to write")
-    testbed.add_argument("--testbed", choices=["glyphs", "maps"], default="glyphs",
-                         help="which shipped testbed: glyphs (builtin:testbed) or maps (builtin:testbed-maps)")
+    testbed.add_argument("--testbed", choices=["glyphs", "maps", "lora"], default="glyphs",
+                         help="which shipped testbed: glyphs (builtin:testbed), maps (builtin:testbed-maps) or "
+                              "lora (what the LoRA testbed was trained on: its fine-tuning set, on builtin:testbed)")
     with_config(testbed)
 
 

@@ -29,6 +29,7 @@ from audit.config_sections import (
     DetectionSection,
     EmbeddingSection,
     GenerationSection,
+    LoraAdapter,
     ModelSection,
     PromptsSection,
     ReferenceSection,
@@ -65,7 +66,11 @@ class AuditConfig(Section):
         resizing the cluster keeps the same run."""
         return {
             "seed": self.run.seed,
-            "generation": self.generation.model_dump(mode="json"),
+            # The extra unconditional call adds measurements, not pixels; left out unless on, so
+            # runs made before the setting existed keep their identity.
+            "generation": self.generation.model_dump(
+                mode="json", exclude=set() if self.generation.noise_magnitude_extra_uncond
+                else {"noise_magnitude_extra_uncond"}),
             "model": self.model.model_dump(mode="json", include={"scheduler", "safety_checker"}),
             "checkpoint_sha256": checkpoint_sha256,
             "prompts_sha256": prompts_sha256,
@@ -140,8 +145,11 @@ def _apply_override(raw: dict[str, Any], assignment: str) -> None:
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     """Make the config's relative file paths absolute against ``base``, leaving builtin names,
     URIs and values that may be hub ids or model names (when no such file exists) alone."""
-    for section, key in _PATH_KEYS:
-        node = raw.get(section)
+    nodes = [(raw.get(section), key, (section, key) in _MAYBE_NAME) for section, key in _PATH_KEYS]
+    model = raw.get("model")
+    adapters = model.get("lora") if isinstance(model, dict) else None
+    nodes += [(adapter, "path", False) for adapter in adapters or () if isinstance(adapters, list)]
+    for node, key, maybe_name in nodes:
         if not isinstance(node, dict) or not isinstance(node.get(key), str):
             continue
         value = node[key]
@@ -151,7 +159,7 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         if not candidate.is_absolute():
             resolved = (base / candidate).resolve()
             # A relative model path that is not on disk may be a hub id or a model name; keep it.
-            if (section, key) in _MAYBE_NAME and not resolved.exists():
+            if maybe_name and not resolved.exists():
                 continue
             node[key] = str(resolved)
 
@@ -229,6 +237,7 @@ __all__ = [
     "DetectionSection",
     "EmbeddingSection",
     "GenerationSection",
+    "LoraAdapter",
     "ModelSection",
     "PromptsSection",
     "ReferenceSection",

@@ -68,6 +68,14 @@ class RunSection(Section):
         return _partition_value(value, info.field_name)
 
 
+class LoraAdapter(Section):
+    """One LoRA adapter applied on top of the checkpoint (docs/model_families.md, "LoRA")."""
+
+    path: str = Field(description="A .safetensors LoRA file (diffusers/peft format), a folder holding one, "
+                                  "or builtin:testbed-lora.")
+    scale: float = Field(1.0, description="Adapter weight passed to set_adapters.")
+
+
 class ModelSection(Section):
     """The text-to-image checkpoint and how to load it."""
 
@@ -80,6 +88,9 @@ class ModelSection(Section):
     safety_checker: bool = Field(False, description="Keep the pipeline's safety checker (blanks images).")
     channels_last: bool = False
     compile: bool = Field(False, description="torch.compile the denoiser (GPU; slow first batch).")
+    lora: tuple[LoraAdapter, ...] = Field(
+        (), description="LoRA adapters [{path, scale}]; each one's content hash joins the checkpoint identity."
+    )
 
     @field_validator("device")
     @classmethod
@@ -109,6 +120,10 @@ class GenerationSection(Section):
     width: int | None = Field(None, gt=0)
     noise_magnitude_steps: int = Field(
         1, gt=0, description="K: Wen et al.'s noise magnitude is averaged over the first K steps."
+    )
+    noise_magnitude_extra_uncond: bool = Field(
+        False, description="Models without CFG (Flux): one extra unconditional denoiser call at each of the "
+                           "first K steps, so the noise magnitude can be measured."
     )
     thumbnail_size: int = Field(128, ge=0, description="Longest thumbnail side; 0: no thumbnails.")
     png_compress_level: int = Field(6, ge=0, le=9)

@@ -21,7 +21,7 @@ from audit.config import PromptsSection
 from audit.errors import InputError
 from audit.layout import DUPS_DIR
 from audit.location import Location
-from audit.testbed.checkpoints import maps_testbed_folder, testbed_folder
+from audit.testbed.checkpoints import lora_testbed_folder, maps_testbed_folder, testbed_folder
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ BUILTIN_SOURCES = {
     "default": Path(__file__).parent / "defaults" / "prompts.txt",
     "testbed": testbed_folder() / "audit_prompts.txt",
     "testbed-maps": maps_testbed_folder() / "audit_prompts.txt",
+    "testbed-lora": lora_testbed_folder() / "audit_prompts.txt",
 }
 CARRIED_COLUMNS = ("key", "url")
 _SUFFIX_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}

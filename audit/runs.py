@@ -24,6 +24,7 @@ from audit.generate.loading import (
     preflight,
     resolve_numerics,
 )
+from audit.generate.adapters import checkpoint_identity
 from audit.generate.tokens import truncated_prompts
 from audit.plan import PromptPlan, plan_prompts
 from audit.prompts import read_prompts
@@ -63,7 +64,11 @@ def prepare_run(cfg: AuditConfig) -> PreparedRun:
     truncated = truncated_prompts(model.folder, plan.table.column("prompt_id").to_pylist(),
                                   plan.table.column("prompt").to_pylist())
     log.info("hashing checkpoint %s", model.folder)
-    return PreparedRun(cfg, model, info, checkpoint_digest(model.folder), plan, truncated)
+    checkpoint = checkpoint_digest(model.folder)
+    # A LoRA adapter makes another checkpoint: its hash and scale join the content hash.
+    checkpoint = {**checkpoint, "base_sha256": checkpoint["sha256"],
+                  "sha256": checkpoint_identity(checkpoint["sha256"], list(info.adapters))}
+    return PreparedRun(cfg, model, info, checkpoint, plan, truncated)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -155,9 +160,11 @@ def _run_json(
             "pipeline_class": prepared.pipeline.class_name,
             "scheduler": cfg.model.scheduler or prepared.pipeline.scheduler_class,
             "content_sha256": prepared.checkpoint["sha256"],
+            "base_content_sha256": prepared.checkpoint["base_sha256"],
             "files": prepared.checkpoint["files"],
             "bytes": prepared.checkpoint["bytes"],
         },
+        "family": prepared.pipeline.record(cfg.generation),
         "prompts": {
             "source": cfg.prompts.source,
             "n_prompts": plan.n_prompts,

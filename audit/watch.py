@@ -2,7 +2,9 @@
 compare it with the previous checkpoint of the same model.
 
 A checkpoint is a diffusers folder (``model_index.json``) under DIR — a folder or an object-store
-prefix (``s3://bucket/checkpoints/``); its order is the natural order of its path (``step-900``
+prefix (``s3://bucket/checkpoints/``) — or, when a local DIR holds no diffusers folder, a LoRA
+adapter file under it, audited on top of the config's ``model.path`` (a fine-tuning job's saved
+adapters; docs/model_families.md); its order is the natural order of its path (``step-900``
 before ``step-1000``), the order a training job writes them. State lives under
 ``<run.root>/.watch/<model>/`` (see :mod:`audit.watch_state`): ``<checkpoint>.json`` once its audit
 finished (with the run folder and a signature of the checkpoint's files, so an overwritten
@@ -14,6 +16,7 @@ invocation sees that first; so `watch` can be called blindly and repeatedly.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +26,7 @@ from audit.config import AuditConfig, load_config
 from audit.errors import InputError
 from audit.files import folder_safe
 from audit.location import Location
-from audit.watch_state import WatchState, find_checkpoints, run_exists, signature, state_for
+from audit.watch_state import WatchState, find_adapters, find_checkpoints, run_exists, signature, state_for
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ def checkpoint_name(folder: str | Path | Location, checkpoint: str | Path | Loca
     base, here = str(folder).rstrip("/"), str(checkpoint).rstrip("/")
     rel = here[len(base):].strip("/") if here.startswith(base) else ""
     name = "--".join(p for p in rel.split("/") if p) if rel else here.rsplit("/", 1)[-1]
-    return folder_safe(name)
+    return folder_safe(name.removesuffix(".safetensors"))
 
 
 def watch(folder: str | Path, config: Path | None, overrides: list[str], model_name: str | None = None,
@@ -54,6 +57,13 @@ def watch(folder: str | Path, config: Path | None, overrides: list[str], model_n
     model = model_name or folder_safe(str(folder).rsplit("/", 1)[-1])
     state = state_for(base.run.root, model)
     checkpoints = find_checkpoints(folder)
+    adapters = not checkpoints
+    if adapters:
+        checkpoints = find_adapters(folder)
+        adapters = bool(checkpoints)
+    if adapters:
+        log.info("watch: %d LoRA adapters under %s, audited on top of model.path %s", len(checkpoints), folder,
+                 base.model.path)
     report = WatchReport()
     names = [checkpoint_name(folder, c) for c in checkpoints]
     todo = [(n, c) for n, c in zip(names, checkpoints) if not _is_done(state, n, c)]
@@ -63,10 +73,20 @@ def watch(folder: str | Path, config: Path | None, overrides: list[str], model_n
 
         with ray_session(address or base.compute.address):
             for name, checkpoint in todo:
-                _audit_one(state, name, checkpoint, config, overrides, model, address, report)
+                checkpoint_overrides = (_adapter_overrides(base, checkpoint) if adapters
+                                        else [f"model.path={checkpoint}"])
+                _audit_one(state, name, checkpoint, config, [*overrides, *checkpoint_overrides], model, address,
+                           report)
     for previous, name in zip(names, names[1:]):
         _compare_pair(state, previous, name, fail_if_new, max_rate_increase, report)
     return report
+
+
+def _adapter_overrides(base: AuditConfig, adapter: Location) -> list[str]:
+    """The config of one watched adapter: the configured base model, its configured adapters and
+    this one (scale 1). JSON is YAML, so the list is one override."""
+    adapters = [a.model_dump(mode="json") for a in base.model.lora] + [{"path": str(adapter), "scale": 1.0}]
+    return [f"model.lora={json.dumps(adapters)}"]
 
 
 def _is_done(state: WatchState, name: str, checkpoint: Location) -> bool:
@@ -84,7 +104,7 @@ def _audit_one(state: WatchState, name: str, checkpoint: Location, config: Path 
         if _is_done(state, name, checkpoint):  # finished by another invocation meanwhile
             report.skipped_done.append(name)
             return
-        cfg = load_config(config, [*overrides, f"model.path={checkpoint}", f"run.model_name={model}"])
+        cfg = load_config(config, [*overrides, f"run.model_name={model}"])
         log.info("watch: auditing %s (%s)", name, checkpoint)
         try:
             run = _audit(cfg, address)

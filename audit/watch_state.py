@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from audit import layout
 from audit.errors import InputError
+from audit.weight_files import tensor_shapes
 from audit.files import write_bytes_atomic
 from audit.location import Location
 
@@ -151,6 +152,31 @@ def find_checkpoints(where: str | Path | Location) -> list[Location]:
     return [Location(p) for p in sorted(found, key=lambda p: natural_key(str(p.relative_to(path))))]
 
 
+_LORA_TENSOR = re.compile(r"(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up)\.weight$")
+
+
+def is_lora_file(path: Path) -> bool:
+    """A safetensors file holding LoRA matrices (read from its header)."""
+    try:
+        return any(_LORA_TENSOR.search(name) for name in tensor_shapes(path))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def find_adapters(where: str | Path | Location) -> list[Location]:
+    """LoRA adapter files (``*.safetensors`` holding LoRA matrices) under a local folder, outside
+    any diffusers folder and the watch state, in natural path order: the checkpoints of a
+    fine-tuning job that saves one adapter per step."""
+    folder = Location.of(where)
+    if folder.is_remote or not folder.local.is_dir():
+        return []
+    path = folder.local
+    pipelines = {p.parent for p in path.rglob("model_index.json")}
+    found = [p for p in path.rglob("*.safetensors")
+             if STATE_DIR not in p.parts and not any(d in p.parents for d in pipelines) and is_lora_file(p)]
+    return [Location(p) for p in sorted(found, key=lambda p: natural_key(str(p.relative_to(path))))]
+
+
 def signature(checkpoint: Location) -> str:
     """Names, sizes and mtimes (ETags in a bucket) of a checkpoint's files: changes when it is overwritten."""
     digest = hashlib.sha256()
@@ -159,9 +185,11 @@ def signature(checkpoint: Location) -> str:
             digest.update(f"{rel}\0{size}\0{version}\n".encode())
         return digest.hexdigest()[:16]
     folder = checkpoint.local
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+    for path in files:
         stat = path.stat()
-        digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{path.relative_to(folder) if path != folder else path.name}\0{stat.st_size}\0"
+                      f"{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 

@@ -68,3 +68,13 @@ def _check_safetensors(folder: Path, path: Path) -> None:
     if size < expected:
         raise InputError(f"model.path: {name} is truncated ({size} of {expected} bytes); the download or copy "
                          "did not finish, fetch the checkpoint again")
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, read from a safetensors file's header (no tensor is loaded)."""
+    with path.open("rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        if not 0 < header_len <= MAX_HEADER_BYTES:
+            raise ValueError(f"header length {header_len}")
+        header = json.loads(handle.read(header_len))
+    return {name: tuple(int(d) for d in value["shape"]) for name, value in header.items() if name != "__metadata__"}

@@ -16,6 +16,14 @@ CPU (tiny checkpoint):  python benchmarks/generation.py
 GPU (SD1.5 architecture, random weights run at the real speed), with the roofline percentage
 (FLOPs per image counted by benchmarks/flops.py):
     python benchmarks/generation.py --arch sd15 --size 512 --steps 50 --batch-size 16 --prompts 8 --samples 32
+
+SDXL: ``--arch sdxl`` builds a ``StableDiffusionXLPipeline`` with SDXL base 1.0's full-size shapes
+(benchmarks/full_architectures.py) and random weights, on the GPU in bf16, saves it as safetensors
+and times it the same way (1024², two text encoders, added text/time conditions); it needs a CUDA
+GPU. ``--arch sdxl --tiny`` runs the same pipeline class at CPU-sized widths (32² images), to check
+the SDXL path cheaply:
+    python benchmarks/generation.py --arch sdxl --size 1024 --steps 50 --batch-size 8 --prompts 4 --samples 8
+    python benchmarks/generation.py --arch sdxl --tiny --prompts 1 --samples 2 --steps 2 --repeats 1
 """
 
 from __future__ import annotations
@@ -36,13 +44,39 @@ from audit.generate.loading import load_pipeline, resolve_numerics
 from audit.plan import plan_prompts, shard_samples
 from audit.prompts import read_prompts
 from audit.testbed.architectures import ARCHITECTURES, build_pipeline, save_pipeline
+from full_architectures import FULL_ARCHITECTURES, SDXLArchitecture, build_sdxl_pipeline
+
+SDXL_ARCHES = sorted(name for name, arch in FULL_ARCHITECTURES.items() if isinstance(arch, SDXLArchitecture))
 
 
 def _checkpoint(arch: str, folder: Path) -> str:
+    """The pipeline folder (or builtin reference) of ``arch``, built with seeded random weights and
+    saved in bf16 as safetensors under ``folder``."""
     if arch == "tiny":
         return "builtin:tiny"
-    pipe = build_pipeline(ARCHITECTURES[arch], seed=0).to(torch.bfloat16)
-    return str(save_pipeline(pipe, folder / arch))
+    if arch in SDXL_ARCHES:  # built on the GPU when there is one: the full UNet's init is slow on CPU
+        device = "cuda" if torch.cuda.is_available() else None
+        pipe = build_sdxl_pipeline(FULL_ARCHITECTURES[arch], seed=0, device=device).to(torch.bfloat16)
+    else:
+        pipe = build_pipeline(ARCHITECTURES[arch], seed=0).to(torch.bfloat16)
+    saved = save_pipeline(pipe, folder / arch)
+    del pipe
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # leave the GPU to the timed pipelines
+    return str(saved)
+
+
+def _arch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The architecture key to build: ``--arch``, or ``sdxl-tiny`` for ``--arch sdxl --tiny``;
+    refuses the full SDXL without a CUDA GPU (building and running it on a CPU would take hours)."""
+    if args.tiny:
+        if args.arch != "sdxl":
+            parser.error("--tiny scales down --arch sdxl only (for a CPU-sized SD1.5-shaped model use --arch tiny)")
+        return "sdxl-tiny"
+    if args.arch == "sdxl" and (args.device == "cpu" or not torch.cuda.is_available()):
+        parser.error("--arch sdxl is the full SDXL base architecture (2.6B-parameter UNet, 1024² images) "
+                     "and needs a CUDA GPU; add --tiny for the scaled-down SDXL pipeline on the CPU")
+    return args.arch
 
 
 def _config(args: argparse.Namespace, checkpoint: str, work: Path) -> AuditConfig:
@@ -111,7 +145,9 @@ def ray_path(cfg: AuditConfig) -> tuple[int, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="tiny")
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES) + ["sdxl"], default="tiny")
+    parser.add_argument("--tiny", action="store_true",
+                        help="with --arch sdxl: SDXL's pipeline at CPU-sized widths (32² images), for a cheap check")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
@@ -128,18 +164,21 @@ def main() -> None:
                         help="bf16 peak of the accelerator, for the roofline percentage (GPU runs)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    arch = _arch(parser, args)
     logging.basicConfig(level=logging.WARNING)
     from audit.pipeline import connect
 
     plain_rates, ray_rates, walls = [], [], []
     with tempfile.TemporaryDirectory(prefix="memaudit-bench-") as tmp:
-        checkpoint = _checkpoint(args.arch, Path(tmp))
+        checkpoint = _checkpoint(arch, Path(tmp))
         connect(None)  # one local Ray for every round; each round still starts its own worker
         for round_ in range(args.repeats):
             work = Path(tmp) / f"round-{round_}"
             work.mkdir()
             cfg = _config(args, checkpoint, work)
             n_plain, s_plain = plain_loop(cfg)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the plain loop's pipeline is gone: its memory goes to the Ray worker
             n_ray, s_window, s_wall = ray_path(cfg)
             plain_rates.append(n_plain / s_plain)
             ray_rates.append(n_ray / s_window)
@@ -148,7 +187,7 @@ def main() -> None:
                   f"(command {s_wall:.2f} s)", flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     plain_rate, ray_rate = statistics.median(plain_rates), statistics.median(ray_rates)
-    print(f"device: {device}; arch {args.arch}; {args.prompts} prompts x {args.samples} samples, "
+    print(f"device: {device}; arch {arch}; {args.prompts} prompts x {args.samples} samples, "
           f"{args.steps} steps, batch {args.batch_size}, {args.workers} worker(s), {args.repeats} rounds")
     print(f"plain loop : {plain_rate:.3f} images/s (median; rounds: {', '.join(f'{r:.3f}' for r in plain_rates)})")
     print(f"ray path   : {ray_rate:.3f} images/s (median; rounds: {', '.join(f'{r:.3f}' for r in ray_rates)}); "
@@ -158,8 +197,9 @@ def main() -> None:
           "(each round runs both back to back, so drift between rounds cancels)")
     from flops import count, roofline
 
-    counted = count(args.arch, args.steps, args.size)
-    result = {"device": device, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    counted = count(arch, args.steps, args.size)
+    result = {"device": device, "arch": arch,
+              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "plain_images_per_s": plain_rate, "ray_images_per_s": ray_rate, "ratio": ray_rate / plain_rate,
               "paired_ratio": paired,
               "plain_rounds": plain_rates, "ray_rounds": ray_rates, "command_s": statistics.median(walls),

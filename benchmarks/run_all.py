@@ -1,12 +1,13 @@
 """Every benchmark, one command: each prints its table and writes JSON; a summary follows.
 
     python benchmarks/run_all.py                    # sizes for a 2-core CPU machine (~1 h)
-    python benchmarks/run_all.py --profile gpu      # full sizes, SD1.5 architecture, on the GPU
+    python benchmarks/run_all.py --profile gpu      # full sizes, SD1.5 (and SDXL generation), on the GPU
     python benchmarks/run_all.py --only flops generation --out results/
 
 Outputs go to ``--out`` (default ``benchmarks/results/<profile>-<time>/``): ``<name>.json`` and
 ``<name>.txt`` (the printed table) per benchmark, and ``summary.json`` with the headline figures,
 the device and how long each took. A benchmark that fails is reported and the others still run.
+A benchmark with no arguments for a profile (``generation_sdxl`` on the CPU) is not part of it.
 """
 
 from __future__ import annotations
@@ -22,11 +23,15 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
-# name -> (arguments on a 2-core CPU, arguments on a GPU machine)
-BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
+# name -> (arguments on a 2-core CPU, arguments on a GPU machine); None: not run in that profile
+BENCHMARKS: dict[str, tuple[list[str] | None, list[str] | None]] = {
     "flops": (["--arch", "sd15", "--size", "512", "--steps", "50"], ["--arch", "sd15", "--size", "512", "--steps", "50"]),
     "generation": ([], ["--arch", "sd15", "--size", "512", "--steps", "50", "--batch-size", "16", "--prompts", "8",
                         "--samples", "32", "--channels-last"]),
+    # SDXL base architecture with random weights at 1024², 32 images a path and round: GPU only (the
+    # CPU check of this path is `generation.py --arch sdxl --tiny`, run by tests/test_benchmarks.py)
+    "generation_sdxl": (None, ["--arch", "sdxl", "--size", "1024", "--steps", "50", "--batch-size", "8",
+                               "--prompts", "4", "--samples", "8", "--channels-last"]),
     "end_to_end": ([], []),
     "reference": (["--vectors", "20000", "--train-sample", "5000", "--queries", "500"], ["--vectors", "1000000"]),
     "knn_join": (["--vectors", "200000", "--queries", "20000", "--train-sample", "50000", "--exact-queries", "2000"],
@@ -38,14 +43,18 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "object_store": ([], []),
     "denoiser_variants": ([], ["--arch", "sd15", "--size", "512", "--batch-size", "16"]),
     "cliques": ([], []),
+    # each family's tiny checkpoint side by side, and Flux's extra unconditional call (CPU code paths)
+    "families": ([], None),
 }
+# benchmarks that run another benchmark's script with other arguments
+SCRIPTS = {"generation_sdxl": "generation"}
 
 
 def headline(name: str, result: dict[str, Any]) -> str:
     """One line per benchmark for the summary."""
     if name == "flops":
         return f"{result['tflop_per_image']:.2f} TFLOP/image; roofline {result['roofline_images_per_s']:.2f} img/s"
-    if name == "generation":
+    if name in ("generation", "generation_sdxl"):
         line = (f"ray {result['ray_images_per_s']:.2f} img/s = {result['paired_ratio']:.3f}x the plain loop "
                 f"(median of paired rounds; {result['ratio']:.3f}x of the medians)")
         if "ray_fraction_of_roofline" in result:
@@ -94,6 +103,9 @@ def headline(name: str, result: dict[str, Any]) -> str:
         return ("networkx " + ", ".join(f"{m} {min(r):.1f}-{max(r):.1f}x" for m, r in spans.items() if r) +
                 f" the hand-written search's time at {result['samples']} samples; same size on "
                 f"{sum(g['agree'] for g in graphs)}/{len(graphs)} graphs")
+    if name == "families":
+        rates = ", ".join(f"{family} {row['images_per_s']:.1f}" for family, row in result["families"].items())
+        return f"tiny img/s: {rates}; Flux extra uncond call {result['flux_extra_uncond_cost']:.3f}x the time"
     return ", ".join(f"{k}" for k in list(result)[:4])
 
 
@@ -103,6 +115,11 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    gpu = args.profile == "gpu"
+    in_profile = [name for name, profiles in BENCHMARKS.items() if profiles[gpu] is not None]
+    missing = sorted(set(args.only or ()) - set(in_profile))
+    if missing:
+        parser.error(f"not in the {args.profile} profile: {', '.join(missing)}")
     out = args.out or HERE / "results" / f"{args.profile}-{time.strftime('%Y%m%dT%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"profile": args.profile, "machine": platform.platform(), "benchmarks": {}}
@@ -112,9 +129,10 @@ def main() -> None:
         summary["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
     except ImportError:
         summary["device"] = "unknown"
-    for name in args.only or list(BENCHMARKS):
-        extra = BENCHMARKS[name][args.profile == "gpu"]
-        command = [sys.executable, str(HERE / f"{name}.py"), *extra, "--json", str(out / f"{name}.json")]
+    for name in args.only or in_profile:
+        extra = BENCHMARKS[name][gpu] or []
+        script = HERE / f"{SCRIPTS.get(name, name)}.py"
+        command = [sys.executable, str(script), *extra, "--json", str(out / f"{name}.json")]
         print(f"== {name}: {' '.join(command[1:])}", flush=True)
         start = time.perf_counter()
         with (out / f"{name}.txt").open("w") as log:

@@ -127,7 +127,7 @@ def test_preflight_scheduler_and_resolution(tiny_checkpoint: Path) -> None:
     assert "EulerDiscreteScheduler" in info.compatible_schedulers
     with pytest.raises(InputError, match=r"model.scheduler: 'FancyScheduler' .* allowed values: .*DDIMScheduler"):
         preflight(ModelSection(path=str(tiny_checkpoint), scheduler="FancyScheduler"), GenerationSection())
-    with pytest.raises(InputError, match=r"generation.height: 31 is not a multiple of 2"):
+    with pytest.raises(InputError, match=r"generation.height: 31 is not a multiple of 8"):
         preflight(ModelSection(path=str(tiny_checkpoint)), GenerationSection(height=31))
     pipe = load_pipeline(ModelSection(path=str(tiny_checkpoint), scheduler="DDIMScheduler"), ok.folder, "cpu", "float32")
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"

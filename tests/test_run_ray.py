@@ -336,6 +336,7 @@ def test_verify_passes_a_complete_run_and_names_each_kind_of_damage(first_run: d
     assert not [p for p in found if not p.startswith("note: ")]  # resumable, not damaged
 
 
+@pytest.mark.slow  # ~30 s (a tmpfs filled up while a run writes); run by hand (--run-slow) before a release
 def test_a_full_disk_stops_the_run_clearly_and_loses_nothing(first_run: dict, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     with small_disk(tmp_path / "disk", "16m") as disk:

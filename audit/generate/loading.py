@@ -8,9 +8,11 @@ Everything that can be checked without loading weights is checked here, before a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,8 @@ from typing import Any
 
 from audit.config import GenerationSection, ModelSection
 from audit.errors import InputError
+from audit.generate.adapters import ResolvedAdapter, apply_adapters, check_adapter_fits, resolve_adapters
+from audit.generate.families import Family, check_settings, family_of, noise_magnitude_plan, prediction_type
 from audit.location import Location
 from audit.weight_files import PICKLE_SUFFIXES, check_complete
 from audit.files import folder_safe
@@ -54,6 +58,25 @@ class PipelineInfo:
     compatible_schedulers: tuple[str, ...]
     vae_scale_factor: int | None
     default_size: int | None
+    family: Family
+    prediction: str  # what the denoiser outputs: epsilon, v_prediction, sample or flow
+    size_multiple: int  # height and width must be multiples of it
+    adapters: tuple[ResolvedAdapter, ...] = ()
+
+    def record(self, generation: GenerationSection) -> dict[str, Any]:
+        """run.json's ``family``: what was audited and how its noise magnitude is defined."""
+        reason = noise_magnitude_plan(self.family, generation.guidance_scale, generation.noise_magnitude_extra_uncond)
+        return {
+            "name": self.family.name,
+            "pipeline_class": self.class_name,
+            "prediction_type": self.prediction,
+            "cfg": self.family.cfg and generation.guidance_scale > 1,
+            "noise_magnitude": "epsilon difference (docs/model_families.md)" if reason is None else None,
+            "noise_magnitude_nan_reason": reason,
+            "extra_uncond_calls_per_batch": (generation.noise_magnitude_steps
+                                             if generation.noise_magnitude_extra_uncond else 0),
+            "adapters": [a.record() for a in self.adapters],
+        }
 
 
 def resolve_model(section: ModelSection) -> ResolvedModel:
@@ -152,10 +175,11 @@ def checkpoint_digest(folder: Path) -> dict[str, Any]:
 
 
 def inspect_pipeline(folder: Path) -> PipelineInfo:
-    """Read a pipeline folder's configs (no weights)."""
+    """Read a pipeline folder's configs (no weights); refuse a pipeline class memaudit does not support."""
     import diffusers
 
     index = json.loads((folder / "model_index.json").read_text())
+    family = family_of(str(index.get("_class_name", "")), str(folder))
     components = tuple(component_folders(folder))
     scheduler_class = (index.get("scheduler") or [None, ""])[1] or ""
     compatible: tuple[str, ...] = ()
@@ -167,39 +191,53 @@ def inspect_pipeline(folder: Path) -> PipelineInfo:
     vae_config = folder / "vae" / "config.json"
     if vae_config.is_file():
         vae_scale = 2 ** (len(json.loads(vae_config.read_text()).get("block_out_channels", [0])) - 1)
-    unet_config = folder / "unet" / "config.json"
-    if unet_config.is_file() and vae_scale:
-        sample_size = json.loads(unet_config.read_text()).get("sample_size")
-        if isinstance(sample_size, int):
-            default_size = sample_size * vae_scale
+    denoiser_config = folder / family.denoiser / "config.json"
+    config = json.loads(denoiser_config.read_text()) if denoiser_config.is_file() else {}
+    sample_size = config.get("sample_size", family.default_latent)
+    if isinstance(sample_size, int) and vae_scale:
+        default_size = sample_size * vae_scale
+    patch = config.get("patch_size") if family.denoiser == "transformer" else None
     return PipelineInfo(
-        class_name=str(index.get("_class_name", "")),
+        class_name=family.pipeline_class,
         components=components,
         scheduler_class=scheduler_class,
         compatible_schedulers=compatible,
         vae_scale_factor=vae_scale,
         default_size=default_size,
+        family=family,
+        prediction=prediction_type(folder, family),
+        size_multiple=math.lcm((vae_scale or 8) * (patch if isinstance(patch, int) else 1) * family.size_factor,
+                               family.pipeline_multiple),
     )
 
 
 def preflight(section: ModelSection, generation: GenerationSection) -> tuple[ResolvedModel, PipelineInfo]:
-    """Every check that needs no weights: location, weight format, scheduler, resolution."""
+    """Every check that needs no weights: location, weight format, family, adapters, scheduler,
+    resolution."""
     resolved = resolve_model(section)
     check_weight_format(resolved.folder, section.allow_pickle)
     check_complete(resolved.folder, section.allow_pickle)
     info = inspect_pipeline(resolved.folder)
+    check_settings(info.family, resolved.ref, generation.negative_prompt, generation.noise_magnitude_extra_uncond,
+                   len(section.lora))
+    adapters = resolve_adapters(section)
+    for i, adapter in enumerate(adapters):
+        if not check_adapter_fits(adapter, resolved.folder, f"model.lora[{i}].path"):
+            log.warning("model.lora[%d]: %s is not in the diffusers/peft layout; its fit is checked only when the "
+                        "workers load it", i, adapter.file)
+    info = dataclasses.replace(info, adapters=tuple(adapters))
     if section.scheduler is not None and section.scheduler not in info.compatible_schedulers:
         raise InputError(
             f"model.scheduler: {section.scheduler!r} is not a scheduler {info.class_name} can use; "
             f"allowed values: {', '.join(info.compatible_schedulers) or 'none found'}"
         )
-    multiple = info.vae_scale_factor or 8
+    multiple = info.size_multiple
     for key in ("height", "width"):
         value = getattr(generation, key)
         if value is not None and value % multiple:
             raise InputError(
                 f"generation.{key}: {value} is not a multiple of {multiple} "
-                f"(the VAE's downsampling factor of {resolved.ref})"
+                f"(the VAE's downsampling factor x the denoiser's patch size of {resolved.ref})"
             )
     return resolved, info
 
@@ -222,6 +260,7 @@ def load_pipeline(section: ModelSection, folder: Path, device: str, dtype: str) 
     pipe = diffusers.DiffusionPipeline.from_pretrained(folder, **kwargs)
     if section.scheduler is not None:
         pipe.scheduler = getattr(diffusers, section.scheduler).from_config(pipe.scheduler.config)
+    apply_adapters(pipe, resolve_adapters(section))
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)

@@ -23,8 +23,9 @@ import torch
 
 from audit.config import AuditConfig
 from audit.generate.png import encode_png, encode_thumbnail, to_uint8
+from audit.generate.families import FLOW, family_of
 from audit.generate.loading import load_pipeline, resolve_model, resolve_numerics
-from audit.generate.noise import NoiseMagnitudeRecorder
+from audit.generate.noise import EpsilonConversion, NoiseMagnitudeRecorder
 from audit.schema import STATUS_ERROR, STATUS_OK
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,13 @@ class GenerateStage:
         if device is None or dtype is None:
             device, dtype = resolve_numerics(cfg.model, torch.cuda.is_available())
         self.device, self.dtype = device, dtype
-        self.pipe = load_pipeline(cfg.model, resolve_model(cfg.model).folder, self.device, self.dtype)
-        self.denoiser = getattr(self.pipe, "unet", None) or getattr(self.pipe, "transformer", None)
-        if self.denoiser is None:
-            raise TypeError(f"{type(self.pipe).__name__} has neither a unet nor a transformer")
+        folder = resolve_model(cfg.model).folder
+        self.pipe = load_pipeline(cfg.model, folder, self.device, self.dtype)
+        self.family = family_of(type(self.pipe).__name__, str(folder))
+        self.denoiser = getattr(self.pipe, self.family.denoiser)
+        prediction = FLOW if self.family.flow else str(self.pipe.scheduler.config.get("prediction_type", "epsilon"))
+        self.conversion = EpsilonConversion.for_pipeline(self.pipe.scheduler, prediction, self.family.timestep_scale)
+        self._uncond: dict[str, torch.Tensor] | None = None
         self._pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
         log.info("generation stage ready: %s on %s (%s)", type(self.pipe).__name__, self.device, self.dtype)
 
@@ -69,18 +73,22 @@ class GenerateStage:
         seeds = [int(s) for s in batch["seed"]] + [int(batch["seed"][-1])] * pad
         prompts = [str(p) for p in batch["prompt"]] + [str(batch["prompt"][-1])] * pad
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        recorder = NoiseMagnitudeRecorder(self.denoiser, len(seeds), gen.noise_magnitude_steps)
+        extra = partial(self._empty_prompt_inputs, len(seeds)) if gen.noise_magnitude_extra_uncond else None
+        recorder = NoiseMagnitudeRecorder(self.denoiser, len(seeds), gen.noise_magnitude_steps, self.conversion, extra)
+        kwargs = dict(self.family.call_kwargs)
+        if self.family.negative_prompt and gen.negative_prompt:  # else the pipeline's own default (SDXL: zeros)
+            kwargs["negative_prompt"] = [gen.negative_prompt] * len(seeds)
         try:
             with torch.inference_mode(), recorder:
                 output = self.pipe(
                     prompt=prompts,
-                    negative_prompt=[gen.negative_prompt] * len(seeds) if gen.negative_prompt else None,
                     num_inference_steps=gen.steps,
                     guidance_scale=gen.guidance_scale,
                     height=gen.height,
                     width=gen.width,
                     generator=generators,
                     output_type="pt",
+                    **kwargs,
                 )
             pixels, finite = to_uint8(output.images[:n])
             return RawBatch(pixels, finite, recorder.values()[:n], None)
@@ -90,6 +98,15 @@ class GenerateStage:
                 torch.cuda.empty_cache()
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
             return RawBatch(None, np.zeros(n, bool), np.full(n, np.nan, np.float32), reason)
+
+    def _empty_prompt_inputs(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """The denoiser's text inputs for the empty prompt (a guidance-distilled model's extra
+        unconditional call; docs/model_families.md), encoded once per worker."""
+        if self._uncond is None or len(self._uncond["encoder_hidden_states"]) != batch_size:
+            embeds, pooled, text_ids = self.pipe.encode_prompt(prompt=[""] * batch_size, prompt_2=None,
+                                                               device=self.pipe.device)
+            self._uncond = {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
+        return self._uncond
 
     def encode(self, batch: Batch, raw: RawBatch) -> Batch:
         """PNG-encode one generated batch (the CPU phase) into output rows."""

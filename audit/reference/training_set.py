@@ -19,8 +19,11 @@ from audit.testbed.dataset import TestbedItem
 SOURCE_DIR = "img2dataset"
 
 
-def copy_key(item: TestbedItem, copy: int) -> str:
-    return f"{item.key}-{copy:02d}"
+BASE_PREFIX = "base-"  # keys of the base testbed's pairs in the LoRA testbed's reference
+
+
+def copy_key(item: TestbedItem, copy: int, prefix: str = "") -> str:
+    return f"{prefix}{item.key}-{copy:02d}"
 
 
 def item_key(reference_key: str) -> str:
@@ -28,15 +31,19 @@ def item_key(reference_key: str) -> str:
     return reference_key.rsplit("-", 1)[0]
 
 
-def write_training_set(items: list[TestbedItem], out: Path, rows_per_shard: int = 1000) -> Path:
-    """Write the training set (with its duplicates) as img2dataset parquet shards under ``out``."""
+def write_training_set(items: list[TestbedItem], out: Path, rows_per_shard: int = 1000,
+                       prefixed: tuple[list[TestbedItem], str] | None = None) -> Path:
+    """Write the training set (with its duplicates) as img2dataset parquet shards under ``out``;
+    ``prefixed`` adds another set whose keys start with a prefix (the base model's pairs under a
+    fine-tuning set's)."""
     rows: dict[str, list[object]] = {"key": [], "url": [], "caption": [], "status": [], "error_message": [], "png": []}
-    for item in items:
+    sets = [(items, ""), *([prefixed] if prefixed else [])]
+    for item, prefix in ((item, prefix) for group, prefix in sets for item in group):
         buffer = io.BytesIO()
         Image.fromarray(item.image).save(buffer, format="PNG")
         for copy in range(item.duplicates):
-            rows["key"].append(copy_key(item, copy))
-            rows["url"].append(f"testbed://{item.key}")
+            rows["key"].append(copy_key(item, copy, prefix))
+            rows["url"].append(f"testbed://{prefix}{item.key}")
             rows["caption"].append(item.caption)
             rows["status"].append("success")
             rows["error_message"].append(None)
@@ -49,14 +56,23 @@ def write_training_set(items: list[TestbedItem], out: Path, rows_per_shard: int 
 
 
 def write_shipped_training_set(folder: Path, name: str = "testbed") -> Path:
-    """The training set of the shipped testbed ``name`` (``testbed`` or ``testbed-maps``), rebuilt
-    from the seed and spec in that testbed's own metrics.json, as img2dataset shards under
+    """The training set of the shipped testbed ``name`` (``testbed`` or ``testbed-maps``; for
+    ``testbed-lora``, the LoRA testbed's fine-tuning set and the base testbed's training set, keys
+    ``base-...``: a reference holds everything the audited model was trained on), rebuilt from the
+    seeds and specs in the testbeds' own metrics.json, as img2dataset shards under
     ``folder/img2dataset``."""
     import json
 
-    from audit.testbed.checkpoints import shipped_folder
+    from audit.testbed.checkpoints import LORA_TESTBED, lora_testbed_folder, shipped_folder
     from audit.testbed.dataset import build_dataset
+    from audit.testbed.lora import BASE_TESTBED, finetune_items, recorded_spec
     from audit.testbed.train import spec_from_dict
 
-    spec = spec_from_dict(json.loads((shipped_folder(name) / "metrics.json").read_text())["training"]["spec"])
-    return write_training_set(build_dataset(spec.dataset, spec.seed), folder / SOURCE_DIR)
+    def training_items(shipped: str) -> list[TestbedItem]:
+        spec = spec_from_dict(json.loads((shipped_folder(shipped) / "metrics.json").read_text())["training"]["spec"])
+        return build_dataset(spec.dataset, spec.seed)
+
+    if name == LORA_TESTBED:  # everything base + adapter was trained on; the base's keys prefixed
+        return write_training_set(finetune_items(recorded_spec(lora_testbed_folder())), folder / SOURCE_DIR,
+                                  prefixed=(training_items(BASE_TESTBED), BASE_PREFIX))
+    return write_training_set(training_items(name), folder / SOURCE_DIR)

@@ -92,7 +92,8 @@ def write_metrics(train_log: dict[str, Any], evaluation: dict[str, Any], folder:
 def _where(train_log: dict[str, Any]) -> str:
     """Where training ran, for the card: the CPU thread count, or the device it names."""
     device = train_log.get("device", "cpu")
-    return f"{train_log['threads']} CPU threads" if device == "cpu" else device
+    threads = train_log["threads"]
+    return f"{threads} CPU thread{'' if threads == 1 else 's'}" if device == "cpu" else device
 
 
 def _size_mb(folder: Path) -> float:

@@ -1,7 +1,9 @@
 """Built-in checkpoints (``model.path: builtin:<name>``).
 
 ``builtin:testbed`` (glyphs) and ``builtin:testbed-maps`` (maps, a testbed of another kind to
-validate thresholds on) are trained testbeds shipped in the package; the others are built once
+validate thresholds on) are trained testbeds shipped in the package, and so is the LoRA testbed
+(``trained_lora/``: an adapter of ``builtin:testbed``, not a checkpoint of its own; its prompts are
+``builtin:testbed-lora``); the others are built once
 into the cache (:func:`audit.files.cached_build`). Building is deterministic (seeded), so every machine of a
 cluster builds the same bytes.
 """
@@ -10,11 +12,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from audit.errors import InputError
 from audit.files import cache_root, cached_build
 from audit.testbed.architectures import TINY, build_pipeline, save_pipeline
+from audit.testbed.families import FAMILIES, build_family
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +27,15 @@ def _build_tiny(folder: Path) -> None:
     save_pipeline(build_pipeline(TINY, seed=0), folder)
 
 
+def _build_family(name: str, folder: Path) -> None:
+    save_pipeline(build_family(name, 0), folder)
+
+
+# builtin name -> (cache folder name, builder). Bump a folder's version when its builder changes.
 BUILDERS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "tiny": ("tiny-v1", _build_tiny),
+    # Tiny pipelines of other diffusers families (audit.testbed.families): builtin:tiny-sdxl, ...
+    **{f"tiny-{name}": (f"tiny-{name}-v1", partial(_build_family, name)) for name in FAMILIES},
 }
 
 
@@ -38,10 +49,27 @@ def maps_testbed_folder() -> Path:
     return Path(__file__).parent / "trained_maps"
 
 
+def lora_testbed_folder() -> Path:
+    """The LoRA testbed shipped inside the package: a LoRA adapter of ``builtin:testbed``
+    fine-tuned on a small set with planted duplicates (see its README.md model card)."""
+    return Path(__file__).parent / "trained_lora"
+
+
+def lora_testbed_adapter() -> Path:
+    """The shipped LoRA testbed's adapter (diffusers' ``pytorch_lora_weights.safetensors``): load
+    it onto ``builtin:testbed`` with ``pipe.load_lora_weights``."""
+    return lora_testbed_folder() / "adapter" / "pytorch_lora_weights.safetensors"
+
+
+LORA_TESTBED = "testbed-lora"  # the LoRA testbed's name (prompts: builtin:testbed-lora)
+LORA_BASE = "testbed"  # the builtin checkpoint its adapter is trained on and loads onto
+
 # Each shipped testbed's folder (pipeline/, audit_prompts.txt, metrics.json, ...) by builtin name.
 SHIPPED: dict[str, Callable[[], Path]] = {"testbed": testbed_folder, "testbed-maps": maps_testbed_folder}
-# The builtin name of the shipped testbed of each dataset kind (audit.testbed.dataset.KINDS).
-SHIPPED_KINDS = {"glyphs": "testbed", "maps": "testbed-maps"}
+# The builtin name of the shipped testbed of each dataset kind (audit.testbed.dataset.KINDS), and
+# of the LoRA testbed ("lora": glyphs too, a fine-tuning set on builtin:testbed): the choices of
+# `memaudit reference testbed --testbed`.
+SHIPPED_KINDS = {"glyphs": "testbed", "maps": "testbed-maps", "lora": LORA_TESTBED}
 
 
 def shipped_folder(name: str) -> Path:

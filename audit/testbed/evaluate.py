@@ -48,13 +48,19 @@ class GroupFigures:
 
 
 def generate_for(folder: Path, items: list[TestbedItem], samples_per_caption: int, steps: int,
-                 seed: int = 0, batch_size: int = 8) -> np.ndarray:
-    """``(len(items), samples_per_caption, H, W, 3)`` uint8 generations, made by GenerateStage."""
+                 seed: int = 0, batch_size: int = 8, adapter: Path | None = None) -> np.ndarray:
+    """``(len(items), samples_per_caption, H, W, 3)`` uint8 generations, made by GenerateStage;
+    with ``adapter`` (a LoRA folder or safetensors file), by the pipeline with that adapter loaded
+    (diffusers' ``load_lora_weights``)."""
     cfg = load_config(None, [
         f"model.path={folder}", f"generation.steps={steps}", f"compute.batch_size={batch_size}",
         f"run.seed={seed}", "generation.thumbnail_size=0",
     ])
     stage = GenerateStage(cfg, "cpu", "float32")
+    if adapter is not None:
+        from audit.testbed.lora import load_adapter
+
+        load_adapter(stage.pipe, adapter)
     shard = ShardSpec(
         0, "evaluation", tuple(ids.prompt_id(i.caption) for i in items),
         tuple(ids.normalize_prompt(i.caption) for i in items),
@@ -105,12 +111,14 @@ def evaluate_memorization(
     samples_per_caption: int = 4,
     steps: int = 20,
     seed: int = 0,
+    adapter: Path | None = None,
 ) -> dict[str, Any]:
-    """Figures per group, plus every distance (for plots and tolerance checks)."""
+    """Figures per group, plus every distance (for plots and tolerance checks); ``adapter``: a LoRA
+    adapter loaded onto the pipeline in ``folder`` for the generations (see ``generate_for``)."""
     chosen: list[TestbedItem] = []
     for duplicates in sorted({item.duplicates for item in items}, reverse=True):
         chosen += [item for item in items if item.duplicates == duplicates][:captions_per_group]
-    generations = generate_for(folder, chosen, samples_per_caption, steps, seed)
+    generations = generate_for(folder, chosen, samples_per_caption, steps, seed, adapter=adapter)
     own = np.stack([item.image for item in chosen])[:, None]
     floors = tiled_l2(vae_round_trip(folder, own[:, 0]), own[:, 0])
     others = _distance_to_other_training_images(generations, chosen, items)

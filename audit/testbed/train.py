@@ -146,6 +146,38 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             shadow.lerp_(param, 1.0 - decay)
 
 
+class EpochBatches:
+    """The next ``batch_size`` entries of a shuffled epoch, reshuffled (from ``generator``) when
+    the epoch cannot fill a batch; duplicated pairs occur once per copy."""
+
+    def __init__(self, entries: list[int], batch_size: int, generator: torch.Generator) -> None:
+        self.order, self.batch_size, self.generator = torch.tensor(entries), batch_size, generator
+        self.epoch, self.position = self.order, len(self.order)
+
+    def next(self) -> torch.Tensor:
+        if self.position + self.batch_size > len(self.epoch):
+            self.epoch, self.position = self.order[torch.randperm(len(self.order), generator=self.generator)], 0
+        rows = self.epoch[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return rows
+
+
+def epsilon_loss(unet: Any, noise_schedule: Any, latents: torch.Tensor, embeddings: torch.Tensor,
+                 uncond: torch.Tensor, rows: torch.Tensor, caption_dropout: float, generator: torch.Generator,
+                 device: str) -> torch.Tensor:
+    """Stable Diffusion's training loss on one batch: captions dropped to the empty prompt with
+    probability ``caption_dropout`` (so classifier-free guidance works), noise and timesteps drawn
+    from ``generator`` on the CPU, the MSE of the UNet's ε-prediction."""
+    x0 = latents[rows].to(device)
+    cond = embeddings[rows].clone().to(device)
+    dropped = (torch.rand(len(rows), generator=generator) < caption_dropout).to(device)
+    cond[dropped] = uncond.to(device)
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(rows),), generator=generator).to(device)
+    prediction = unet(noise_schedule.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
+    return F.mse_loss(prediction, noise)
+
+
 def train_unet(
     latents: torch.Tensor,
     embeddings: torch.Tensor,
@@ -171,24 +203,13 @@ def train_unet(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, spec.unet_steps, spec.warmup_steps)
     )
-    order = torch.tensor(entries)
-    position, epoch = len(order), order
+    batches = EpochBatches(entries, spec.batch_size, generator)
     losses: list[float] = []
     unet.train()
     with Progress("UNet training", "step", spec.unet_steps) as progress:
         for step in range(spec.unet_steps):
-            if position + spec.batch_size > len(epoch):
-                epoch, position = order[torch.randperm(len(order), generator=generator)], 0
-            rows = epoch[position : position + spec.batch_size]
-            position += spec.batch_size
-            x0 = latents[rows].to(device)
-            cond = embeddings[rows].clone().to(device)
-            dropped = (torch.rand(len(rows), generator=generator) < spec.caption_dropout).to(device)
-            cond[dropped] = uncond.to(device)
-            noise = torch.randn(x0.shape, generator=generator).to(device)
-            t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(rows),), generator=generator).to(device)
-            prediction = unet(noise_schedule.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
-            loss = F.mse_loss(prediction, noise)
+            loss = epsilon_loss(unet, noise_schedule, latents, embeddings, uncond, batches.next(),
+                                spec.caption_dropout, generator, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
