@@ -57,10 +57,8 @@ def watch(folder: str | Path, config: Path | None, overrides: list[str], model_n
     model = model_name or folder_safe(str(folder).rsplit("/", 1)[-1])
     state = state_for(base.run.root, model)
     checkpoints = find_checkpoints(folder)
-    adapters = not checkpoints
-    if adapters:
-        checkpoints = find_adapters(folder)
-        adapters = bool(checkpoints)
+    adapters = [] if checkpoints else find_adapters(folder)
+    checkpoints = checkpoints or adapters
     if adapters:
         log.info("watch: %d LoRA adapters under %s, audited on top of model.path %s", len(checkpoints), folder,
                  base.model.path)

@@ -263,12 +263,11 @@ def load_pipeline(section: ModelSection, folder: Path, device: str, dtype: str) 
     apply_adapters(pipe, resolve_adapters(section))
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    if section.channels_last and denoiser is not None:
-        denoiser.to(memory_format=torch.channels_last)
-    if section.compile and denoiser is not None:
-        compiled = torch.compile(denoiser)
-        setattr(pipe, "unet" if getattr(pipe, "unet", None) is not None else "transformer", compiled)
+    attribute = family_of(type(pipe).__name__, str(folder)).denoiser
+    if section.channels_last:
+        getattr(pipe, attribute).to(memory_format=torch.channels_last)
+    if section.compile:
+        setattr(pipe, attribute, torch.compile(getattr(pipe, attribute)))
     return pipe
 
 

@@ -8,6 +8,7 @@ should regenerate their image (small distances); held-out captions cannot.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -51,16 +52,13 @@ def generate_for(folder: Path, items: list[TestbedItem], samples_per_caption: in
                  seed: int = 0, batch_size: int = 8, adapter: Path | None = None) -> np.ndarray:
     """``(len(items), samples_per_caption, H, W, 3)`` uint8 generations, made by GenerateStage;
     with ``adapter`` (a LoRA folder or safetensors file), by the pipeline with that adapter loaded
-    (diffusers' ``load_lora_weights``)."""
+    as an audit loads it (``model.lora``)."""
     cfg = load_config(None, [
         f"model.path={folder}", f"generation.steps={steps}", f"compute.batch_size={batch_size}",
         f"run.seed={seed}", "generation.thumbnail_size=0",
+        *([f"model.lora={json.dumps([{'path': str(adapter)}])}"] if adapter is not None else []),
     ])
     stage = GenerateStage(cfg, "cpu", "float32")
-    if adapter is not None:
-        from audit.testbed.lora import load_adapter
-
-        load_adapter(stage.pipe, adapter)
     shard = ShardSpec(
         0, "evaluation", tuple(ids.prompt_id(i.caption) for i in items),
         tuple(ids.normalize_prompt(i.caption) for i in items),
