@@ -15,6 +15,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from audit import __version__, layout
 from audit.config import dump_config, load_config
@@ -45,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-report", action="store_true", help="skip writing RUN/report/ at the end")
     run.add_argument("--force", action="store_true",
                      help="a run folder made with other settings is renamed aside (nothing deleted) and started again")
+
+    screen = commands.add_parser("screen", help="screen every prompt for a few denoiser calls and decide which go on "
+                                                "to the full audit (docs/screening.md); generates nothing")
+    with_config(screen)
+    screen.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    screen.add_argument("--force", action="store_true",
+                        help="a run folder made with other settings is renamed aside (nothing deleted) and started again")
 
     show = commands.add_parser("config", help="validate a config and print it with every default")
     with_config(show)
@@ -122,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             needs_config = args.action != "validate"
             return cli_reference.run(args, load_config(args.config, args.overrides) if needs_config else None)
+        if args.command == "screen":
+            return _screen(args)
         return _run(args)
     except StorageError as exc:
         print(f"memaudit: error: {exc}", file=sys.stderr)
@@ -216,6 +226,8 @@ def _run(args: argparse.Namespace) -> int:
     result = run_audit(cfg, address=args.address, retry_failed=args.retry_failed, force=args.force)
     report = result.generation
     print(f"run: {result.location or result.run_path}")
+    if result.screen is not None and _print_screen(result.screen, result.escalation) != EXIT_OK:
+        return EXIT_FAILURE
     print(
         f"samples: {report.rows_written} written this time ({report.shards_written} shards), "
         f"{report.shards_skipped} of {report.shards_total} shards already complete"
@@ -225,9 +237,9 @@ def _run(args: argparse.Namespace) -> int:
     if truncated.get("count"):
         print(f"prompts: {truncated['count']} longer than the text encoder's {truncated['max_tokens']} tokens, "
               f"truncated to them (run.json: prompts.truncated)")
-    totals = _totals(result.run_path, report.shards_total)
+    totals = _totals(result.run_path)
     print(f"status: {totals.get('ok', 0)} ok, {totals.get('error', 0)} error "
-          f"in {totals['complete_shards']} of {report.shards_total} complete shards")
+          f"in {totals['complete_shards']} of {report.shards_total} samples shards")
     embedded = result.embeddings
     while_generating = embedded.counts["embedded_while_generating"]
     during = f" ({while_generating} while generating)" if while_generating else ""
@@ -257,6 +269,30 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _screen(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from audit.pipeline import run_screen  # imports Ray and torch: only when running
+
+    result = run_screen(cfg, address=args.address, force=args.force)
+    print(f"run: {result.location or result.run_path}")
+    return _print_screen(result.screen, result.escalation)
+
+
+def _print_screen(report: Any, escalation: dict[str, Any] | None) -> int:
+    """The screen's lines of ``run`` and ``screen``; exit 1 when shards failed (nothing decided)."""
+    print(f"screen: {report.shards_written} shards screened now, {report.shards_skipped} of {report.shards_total} "
+          "already complete")
+    if escalation is None:
+        first = next(iter(report.shards_failed.items()), ("?", "?"))
+        print(f"memaudit: {len(report.shards_failed)} screen shards failed (e.g. {first[0]}: {first[1]}); nothing is "
+              "escalated until every prompt is screened: run again to retry them", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"escalated: {escalation['escalated']} of {escalation['screened']} prompts go on to the full audit "
+          f"(escalation/escalation.parquet)" + (f", {escalation['unmeasured']} because the screen could not measure "
+                                                 "them" if escalation["unmeasured"] else ""))
+    return EXIT_OK
+
+
 def _flagged(run_path: Path) -> tuple[int, int]:
     import pyarrow.parquet as pq
 
@@ -268,11 +304,16 @@ def _flagged(run_path: Path) -> tuple[int, int]:
     return sum(bool(f) for f in flags), len(flags)
 
 
-def _totals(run_path: Path, n_shards: int) -> dict[str, int]:
+def _totals(run_path: Path) -> dict[str, int]:
+    """Sample status counts over the run's complete samples shards (a screened run has samples
+    shards only for plan shards holding an escalated prompt; an adaptive run one more per round)."""
     from audit.ids import shard_name
     from audit.store import RunStore
 
+    n_shards = int(json.loads((run_path / layout.RUN_JSON).read_text())["prompts"]["n_shards"])
     names = [shard_name(i, n_shards) for i in range(n_shards)]
+    markers = run_path / layout.SAMPLES / "_markers"
+    names += sorted(p.stem for p in markers.glob("*-r*.json")) if markers.is_dir() else []  # later rounds
     return RunStore(run_path).status_totals(layout.SAMPLES, names)
 
 

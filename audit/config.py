@@ -34,6 +34,7 @@ from audit.config_sections import (
     PromptsSection,
     ReferenceSection,
     RunSection,
+    ScreenSection,
     Section,
 )
 from audit.errors import ConfigError
@@ -52,6 +53,7 @@ class AuditConfig(Section):
     embedding: EmbeddingSection = EmbeddingSection()
     reference: ReferenceSection = ReferenceSection()
     detection: DetectionSection = DetectionSection()
+    screen: ScreenSection | None = None  # present: screen every prompt, escalate the suspects
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON-compatible data (what ``run.json`` records)."""
@@ -66,17 +68,27 @@ class AuditConfig(Section):
         resizing the cluster keeps the same run."""
         return {
             "seed": self.run.seed,
-            # The extra unconditional call adds measurements, not pixels; left out unless on, so
-            # runs made before the setting existed keep their identity.
-            "generation": self.generation.model_dump(
-                mode="json", exclude=set() if self.generation.noise_magnitude_extra_uncond
-                else {"noise_magnitude_extra_uncond"}),
+            "generation": self.generation.model_dump(mode="json", exclude=self._unset_generation_keys()),
             "model": self.model.model_dump(mode="json", include={"scheduler", "safety_checker"}),
             "checkpoint_sha256": checkpoint_sha256,
             "prompts_sha256": prompts_sha256,
             "device_type": device_type,
             "dtype": dtype,
+            # Present only with a screen, so runs without one keep their identity.
+            **({"screen": self.screen.model_dump(mode="json")} if self.screen is not None else {}),
         }
+
+
+    def _unset_generation_keys(self) -> set[str]:
+        """Settings that joined the identity after runs existed, left out while off so those
+        runs keep their ids: the extra unconditional call (adds measurements, not pixels) and
+        adaptive rounds."""
+        gen, out = self.generation, set()
+        if not gen.noise_magnitude_extra_uncond:
+            out.add("noise_magnitude_extra_uncond")
+        if gen.max_samples_per_prompt is None:
+            out |= {"max_samples_per_prompt", "clean_after_samples"}
+        return out
 
 
 def fingerprint(identity: dict[str, Any]) -> str:
@@ -215,6 +227,8 @@ def load_config(
         )
     for assignment in overrides:
         _apply_override(raw, assignment)
+    if "screen" in raw and raw["screen"] is None:
+        raw["screen"] = {}  # a bare `screen:` turns screening on with its defaults
     _resolve_paths(raw, base)
     try:
         return AuditConfig.model_validate(raw)
@@ -224,8 +238,12 @@ def load_config(
 
 
 def dump_config(cfg: AuditConfig) -> str:
-    """The config as YAML, every default spelled out."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The config as YAML, every default spelled out; no ``screen:`` key when screening is off
+    (a bare or null ``screen:`` turns it on)."""
+    data = cfg.to_dict()
+    if data.get("screen") is None:
+        data.pop("screen", None)
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 __all__ = [
@@ -242,6 +260,7 @@ __all__ = [
     "PromptsSection",
     "ReferenceSection",
     "RunSection",
+    "ScreenSection",
     "Section",
     "dump_config",
     "fingerprint",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from audit.ids import MAX_SAMPLES_PER_PROMPT
 
@@ -128,6 +128,20 @@ class GenerationSection(Section):
     thumbnail_size: int = Field(128, ge=0, description="Longest thumbnail side; 0: no thumbnails.")
     png_compress_level: int = Field(6, ge=0, le=9)
     prompts_per_shard: int = Field(4, gt=0, description="Prompts per samples/ shard (unit of resume).")
+    max_samples_per_prompt: int | None = Field(
+        None, gt=0, le=MAX_SAMPLES_PER_PROMPT,
+        description="Adaptive rounds: samples_per_prompt is the first round, each next round doubles a prompt's "
+                    "samples up to this, for prompts neither memorized nor clean yet (docs/screening.md); null: one round.")
+    clean_after_samples: int = Field(
+        16, gt=0, description="Rounds: a prompt with no evidence of any kind (no labelled pair, no two samples alike) "
+                              "in at least this many samples is decided clean and stops.")
+
+    @model_validator(mode="after")
+    def _rounds(self) -> GenerationSection:
+        if self.max_samples_per_prompt is not None and self.max_samples_per_prompt < self.samples_per_prompt:
+            raise ValueError(f"max_samples_per_prompt ({self.max_samples_per_prompt}) is below samples_per_prompt "
+                             f"({self.samples_per_prompt}), the first round; raise it or remove it")
+        return self
 
 
 class ComputeSection(Section):
@@ -233,3 +247,42 @@ class DetectionSection(Section):
     @classmethod
     def _positive(cls, value: int | str) -> int | str:
         return _positive_or_auto(value)
+
+
+class ScreenSection(Section):
+    """Screening every prompt for a few denoiser calls before the full audit (docs/screening.md);
+    present in the config = on. Every key joins the run identity."""
+
+    seeds: int = Field(4, gt=0, le=MAX_SAMPLES_PER_PROMPT, description="Initial noises per prompt (the seeds of "
+                                                                      "its first samples).")
+    prompts_per_shard: int = Field(256, gt=0, description="Prompts per screen/ shard (unit of resume).")
+    threshold: float | None = Field(
+        2.0, description="Escalate prompts whose screen_score (mean robust z-score of the signals against the "
+        "run's own prompts) is at least this; null: only screen.top escalates.")
+    top: int | float | None = Field(
+        None, description="Also escalate the highest-scoring prompts: a count (e.g. 1000) or a fraction (0 < f <= 1).")
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, value: float | None) -> float | None:
+        if value is not None and not (value > 0 and value < float("inf")):
+            raise ValueError(f"must be a finite number above 0, the run's median prompt (got {value!r}); a "
+                             "screen_score is in robust standard deviations above it; to escalate every prompt use "
+                             "screen.top: 1.0")
+        return value
+
+    @field_validator("top", mode="before")
+    @classmethod
+    def _not_boolean(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("must be a count or a fraction, not a boolean")
+        return value
+
+    @field_validator("top")
+    @classmethod
+    def _top(cls, value: int | float | None) -> int | float | None:
+        if isinstance(value, int) and value <= 0:
+            raise ValueError(f"a count must be >= 1 (got {value})")
+        if isinstance(value, float) and not 0 < value <= 1:
+            raise ValueError(f"a fraction must be in (0, 1] (got {value}); give a count as an integer")
+        return value

@@ -20,13 +20,17 @@ SAMPLES = "samples"  # generated images, one shard per prompt shard
 EMBEDDINGS = "embeddings"  # one embedding per sample, row-aligned with samples/
 NEIGHBORS = "neighbors"  # each sample's top-k reference neighbors (kNN join)
 MATCHES = "matches"  # verified (sample, reference image) pairs with their label
+SCREEN = "screen"  # one row per prompt: the screen's signals (docs/screening.md)
+ESCALATION = "escalation"  # one file, ESCALATION_FILE: each prompt's screen_score and whether it was escalated
+ROUNDS = "rounds"  # adaptive runs: rounds/round-<k>.parquet, each prompt's decision after round k
 PROMPT_SCORES = "prompt_scores"  # one row per prompt: signals, score, flag (written last per shard)
 REPORT = "report"  # `memaudit report`'s pages, plots and summary.json
 COMPARE = "compare"  # `memaudit compare A B`'s pages, in run B
 
 PROMPTS_FILE = "prompts.parquet"
+ESCALATION_FILE = "escalation.parquet"
 DUPS_DIR = "dups"  # in a reference folder: dups/dups_{i}.parquet, near-duplicate counts aligned with metadata/
-SHARDED_TABLES = (SAMPLES, EMBEDDINGS, NEIGHBORS, MATCHES, PROMPT_SCORES)
+SHARDED_TABLES = (SCREEN, SAMPLES, EMBEDDINGS, NEIGHBORS, MATCHES, PROMPT_SCORES)
 DERIVED_TABLES = (EMBEDDINGS, NEIGHBORS, MATCHES, PROMPT_SCORES)  # computed from samples/, shard by shard
 
 
@@ -48,3 +52,13 @@ def marker_file(table: str, shard: str) -> str:
 def prompts_file() -> str:
     """The planned prompts' table, relative to the run folder."""
     return f"{PROMPTS}/{PROMPTS_FILE}"
+
+
+def escalation_file() -> str:
+    """The screen's decisions, relative to the run folder."""
+    return f"{ESCALATION}/{ESCALATION_FILE}"
+
+
+def round_file(round_index: int) -> str:
+    """The decisions taken after one round of an adaptive run, relative to the run folder."""
+    return f"{ROUNDS}/round-{round_index}.parquet"

@@ -20,12 +20,26 @@ from audit.prompts import RawPrompts
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """One unit of work and of resume."""
+    """One unit of work and of resume. A round shard of an adaptive run (docs/screening.md,
+    "Rounds") holds samples ``first_sample`` up to ``end_sample`` of its prompts; a plan shard
+    holds them from 0 (``end_sample`` None: ``generation.samples_per_prompt``)."""
 
     index: int
     name: str
     prompt_ids: tuple[str, ...]
     prompts: tuple[str, ...]
+    first_sample: int = 0
+    end_sample: int | None = None
+
+    def n_samples(self, samples_per_prompt: int) -> int:
+        """How many samples this shard holds."""
+        end = samples_per_prompt if self.end_sample is None else self.end_sample
+        return len(self.prompt_ids) * (end - self.first_sample)
+
+    def sample_rows(self, samples_per_prompt: int, run_seed: int) -> dict[str, np.ndarray]:
+        """This shard's sample rows (see :func:`shard_samples`)."""
+        end = samples_per_prompt if self.end_sample is None else self.end_sample
+        return shard_samples(self, end, run_seed, first=self.first_sample)
 
 
 @dataclass(frozen=True)
@@ -104,16 +118,54 @@ def plan_prompts(raw: RawPrompts, prompts_per_shard: int, limit: int | None = No
     )
 
 
-def shard_samples(shard: ShardSpec, samples_per_prompt: int, run_seed: int) -> dict[str, np.ndarray]:
-    """The sample rows of a shard, prompt by prompt, sample by sample."""
-    pids = np.repeat(np.array(shard.prompt_ids, dtype=object), samples_per_prompt)
-    idx = np.tile(np.arange(samples_per_prompt, dtype=np.int32), len(shard.prompt_ids))
+def shard_samples(shard: ShardSpec, samples_per_prompt: int, run_seed: int, first: int = 0) -> dict[str, np.ndarray]:
+    """The sample rows of a shard, prompt by prompt, sample by sample: samples ``first`` up to
+    ``samples_per_prompt`` of each prompt (a sample's id and seed never depend on the range)."""
+    count = samples_per_prompt - first
+    pids = np.repeat(np.array(shard.prompt_ids, dtype=object), count)
+    idx = np.tile(np.arange(first, samples_per_prompt, dtype=np.int32), len(shard.prompt_ids))
     return {
         "prompt_id": pids,
-        "prompt": np.repeat(np.array(shard.prompts, dtype=object), samples_per_prompt),
+        "prompt": np.repeat(np.array(shard.prompts, dtype=object), count),
         "sample_idx": idx,
         "sample_id": np.array([ids.sample_id(p, int(i)) for p, i in zip(pids, idx)], dtype=object),
         "seed": np.array(
             [ids.sample_seed(run_seed, p, int(i)) for p, i in zip(pids, idx)], dtype=np.int64
         ),
     }
+
+
+def round_ends(samples_per_prompt: int, max_samples_per_prompt: int | None) -> list[int]:
+    """Samples per prompt after each round of an adaptive run: the first round is
+    ``samples_per_prompt``, each next one doubles it, the last stops at the maximum (one round
+    without a maximum)."""
+    ends = [samples_per_prompt]
+    while max_samples_per_prompt is not None and ends[-1] < max_samples_per_prompt:
+        ends.append(min(2 * ends[-1], max_samples_per_prompt))
+    return ends
+
+
+def keep_prompts(shards: list[ShardSpec], keep: set[str], round_index: int = 0, first: int = 0,
+                 end: int | None = None) -> list[ShardSpec]:
+    """Each shard with only its prompts in ``keep`` (shards left empty are dropped), as the
+    samples shards of round ``round_index`` holding samples ``first`` up to ``end``: a screened
+    run's escalated prompts (round 0, whole first round), or the prompts a round sends on."""
+    out = []
+    for shard in shards:
+        chosen = [i for i, pid in enumerate(shard.prompt_ids) if pid in keep]
+        if chosen:
+            out.append(ShardSpec(shard.index, round_shard_name(shard.name, round_index),
+                                 tuple(shard.prompt_ids[i] for i in chosen), tuple(shard.prompts[i] for i in chosen),
+                                 first_sample=first, end_sample=end))
+    return out
+
+
+def round_shard_name(plan_shard: str, round_index: int) -> str:
+    """The samples shard of one round of a plan shard: the plan shard's name for the first round,
+    ``<name>-r<k>`` for round k >= 1."""
+    return plan_shard if round_index == 0 else f"{plan_shard}-r{round_index}"
+
+
+def plan_shard_of(samples_shard: str) -> str:
+    """The plan shard a samples shard belongs to (the inverse of :func:`round_shard_name`)."""
+    return samples_shard.split("-r", 1)[0]

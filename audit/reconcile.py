@@ -15,6 +15,7 @@ from audit import layout
 from audit.errors import InputError
 from audit.files import MARKERS, file_sha256, is_temporary
 from audit.ids import sample_id, shard_name
+from audit.plan import plan_shard_of, round_ends, round_shard_name
 from audit.store import RunStore
 
 
@@ -50,12 +51,18 @@ def verify_run(path: str | Path) -> Verification:
     per_prompt = int(info["config"]["generation"]["samples_per_prompt"])
     n_shards = int(info["prompts"]["n_shards"])
     result = Verification(planned_shards=n_shards)
+    audited = _audited_prompts(store, info, prompts["prompt_id"], result)
     planned: dict[str, str] = {}  # sample_id -> shard name
     for prompt_id, shard in zip(prompts["prompt_id"], prompts["shard"]):
+        if audited is not None and prompt_id not in audited:
+            continue  # decided by the screen: no samples planned
         for idx in range(per_prompt):
             planned[sample_id(prompt_id, idx)] = shard_name(int(shard), n_shards)
+    plan_of = {pid: shard_name(int(shard), n_shards) for pid, shard in zip(prompts["prompt_id"], prompts["shard"])}
+    planned |= _round_samples(store, info, plan_of)
     result.planned_samples = len(planned)
     names = [shard_name(i, n_shards) for i in range(n_shards)]
+    names += sorted(set(planned.values()) - set(names))  # later rounds' shards
     present: Counter[str] = Counter()
     ids_by_shard: dict[str, list[str]] = {}
     for name in names:
@@ -78,14 +85,39 @@ def verify_run(path: str | Path) -> Verification:
     missing = [s for s, shard in planned.items() if s not in present and shard in ids_by_shard]
     if missing:
         result.problems.append(f"{len(missing)} planned sample_ids missing from complete shards, e.g. {missing[0]}")
-    incomplete = [n for n in names if n not in ids_by_shard]
+    with_samples = set(planned.values())
+    if audited is not None:
+        result.planned_shards = len(with_samples)  # plan shards holding an escalated prompt
+    incomplete = [n for n in names if n not in ids_by_shard and n in with_samples]
     if incomplete:
         result.notes.append(f"{len(incomplete)} of {n_shards} samples shards not complete yet (run again to finish): "
                             f"{', '.join(incomplete[:5])}{' …' if len(incomplete) > 5 else ''}")
     _check_extra_files(store, layout.SAMPLES, set(names), result)
+    by_plan: dict[str, list[str]] = {}  # matches/ and prompt_scores/ cover every round of a plan shard
+    for name, ids in ids_by_shard.items():
+        by_plan.setdefault(plan_shard_of(name), []).extend(ids)
     for table in layout.DERIVED_TABLES:
-        _check_derived(store, table, ids_by_shard, result)
+        _check_derived(store, table, by_plan if table in (layout.MATCHES, layout.PROMPT_SCORES) else ids_by_shard,
+                       result)
     return result
+
+
+def _round_samples(store: RunStore, info: dict[str, Any], plan_of: dict[str, str]) -> dict[str, str]:
+    """An adaptive run's later rounds (docs/screening.md, "Rounds"): sample_id -> round shard, for
+    the prompts each recorded decision sent on to the next round."""
+    generation = info["config"]["generation"]
+    ends = round_ends(int(generation["samples_per_prompt"]), generation.get("max_samples_per_prompt"))
+    planned: dict[str, str] = {}
+    for k in range(1, len(ends)):
+        path = store.path / layout.round_file(k - 1)
+        if not path.exists():
+            break
+        table = pq.read_table(path, columns=["prompt_id", "decision"]).to_pydict()
+        for pid, decision in zip(table["prompt_id"], table["decision"]):
+            if decision == "continue":
+                for idx in range(ends[k - 1], ends[k]):
+                    planned[sample_id(pid, idx)] = round_shard_name(plan_of[pid], k)
+    return planned
 
 
 def _check_shard(store: RunStore, table: str, name: str, result: Verification) -> list[str] | None:
@@ -107,13 +139,15 @@ def _check_shard(store: RunStore, table: str, name: str, result: Verification) -
         result.problems.append(f"{where}: sha256 differs from its marker (the file changed after it was written)")
         return None
     try:
-        table_ = pq.read_table(path, columns=["sample_id"] if table != layout.PROMPT_SCORES else ["prompt_id"])
+        by_prompt = table in (layout.PROMPT_SCORES, layout.SCREEN)
+        table_ = pq.read_table(path, columns=["prompt_id"] if by_prompt else ["sample_id"])
     except Exception as exc:  # noqa: BLE001 - an unreadable file is a finding, not a crash
         result.problems.append(f"{where}: unreadable Parquet ({type(exc).__name__}: {exc})")
         return None
     ids = table_.column(0).to_pylist()
     rows = marker.get("rows")
-    if table in (layout.SAMPLES, layout.EMBEDDINGS, layout.PROMPT_SCORES) and rows is not None and rows != len(ids):
+    if table in (layout.SAMPLES, layout.EMBEDDINGS, layout.PROMPT_SCORES, layout.SCREEN) and rows is not None \
+            and rows != len(ids):
         result.problems.append(f"{where}: {len(ids)} rows, its marker says {rows}")
     return ids
 
@@ -147,3 +181,42 @@ def _check_extra_files(store: RunStore, table: str, names: set[str], result: Ver
         stray = [p.name for p in folder.glob("*.parquet") if p.stem not in names]
         if stray:
             result.problems.append(f"{table}/: {len(stray)} files that are not planned shards, e.g. {stray[0]}")
+
+
+def _audited_prompts(store: RunStore, info: dict[str, Any], prompt_ids: list[str],
+                     result: Verification) -> set[str] | None:
+    """A screened run (docs/screening.md): checks screen/ (every planned prompt screened exactly
+    once, in its shard) and returns the escalated prompts, the only ones with samples (none until
+    the screen is decided). None for a run without a screen: every prompt is audited."""
+    screen = info["config"].get("screen")
+    if screen is None:
+        return None
+    per_shard = int(screen["prompts_per_shard"])
+    n_screen = -(-len(prompt_ids) // per_shard)
+    seen: Counter[str] = Counter()
+    complete = 0
+    for i in range(n_screen):
+        name = shard_name(i, n_screen)
+        ids = _check_shard(store, layout.SCREEN, name, result)
+        if ids is None:
+            continue
+        complete += 1
+        seen.update(ids)
+        expected = prompt_ids[i * per_shard:(i + 1) * per_shard]
+        if ids != expected:
+            result.problems.append(f"screen/{name}: holds other prompts than planned for it")
+    _check_extra_files(store, layout.SCREEN, {shard_name(i, n_screen) for i in range(n_screen)}, result)
+    twice = [p for p, n in seen.items() if n > 1]
+    if twice:
+        result.problems.append(f"screen/: {len(twice)} prompts screened more than once, e.g. {twice[0]}")
+    if complete < n_screen:
+        result.notes.append(f"{n_screen - complete} of {n_screen} screen shards not complete yet (run again to finish)")
+    path = store.path / layout.escalation_file()
+    if not path.exists():
+        if complete == n_screen:
+            result.notes.append("the screen is complete but not decided yet (escalation/ missing): run again")
+        return set()
+    escalation = pq.read_table(path, columns=["prompt_id", "escalated"]).to_pydict()
+    if sorted(escalation["prompt_id"]) != sorted(prompt_ids):
+        result.problems.append("escalation/: its prompts are not the run's planned prompts")
+    return {p for p, up in zip(escalation["prompt_id"], escalation["escalated"]) if up}

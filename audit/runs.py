@@ -29,6 +29,7 @@ from audit.generate.tokens import truncated_prompts
 from audit.plan import PromptPlan, plan_prompts
 from audit.prompts import read_prompts
 from audit.redact import redact
+from audit.screen.run_screen import check_screen
 from audit import layout
 from audit.location import Location
 from audit.store import RunStore, run_location
@@ -61,6 +62,8 @@ def prepare_run(cfg: AuditConfig) -> PreparedRun:
         "%d distinct prompts (%d duplicates merged, %d blank skipped) in %d shards",
         plan.n_prompts, plan.duplicates, plan.skipped_blank, plan.n_shards,
     )
+    if cfg.screen is not None:
+        check_screen(cfg.screen, info.family, cfg.generation, plan.n_prompts)
     truncated = truncated_prompts(model.folder, plan.table.column("prompt_id").to_pylist(),
                                   plan.table.column("prompt").to_pylist())
     log.info("hashing checkpoint %s", model.folder)

@@ -92,5 +92,47 @@ PROMPT_SCORES = pa.schema(
         pa.field("flagged", pa.bool_(), nullable=False),
         pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string()),
+        # Screened runs only (null otherwise): the screen's signals and decision (docs/screening.md)
+        pa.field("screen_score", pa.float32()),
+        pa.field("screen_noise_magnitude", pa.float32()),
+        pa.field("screen_alignment", pa.float32()),
+        pa.field("escalated", pa.bool_()),
+        pa.field("escalation", pa.string()),
+    ]
+)
+
+SCREEN = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("n_seeds", pa.int32(), nullable=False),
+        pa.field("noise_magnitude", pa.float32()),
+        pa.field("alignment", pa.float32()),
+        pa.field("noise_magnitude_seeds", pa.list_(pa.float32())),
+        pa.field("alignment_seeds", pa.list_(pa.float32())),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+    ]
+)
+
+ESCALATION = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("noise_magnitude", pa.float32()),
+        pa.field("alignment", pa.float32()),
+        pa.field("z_noise_magnitude", pa.float32()),
+        pa.field("z_alignment", pa.float32()),
+        pa.field("screen_score", pa.float32()),
+        pa.field("rank", pa.int64(), nullable=False),
+        pa.field("escalated", pa.bool_(), nullable=False),
+        pa.field("escalation", pa.string()),
+    ]
+)
+
+ROUND = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("n_samples", pa.int32(), nullable=False),
+        pa.field("decision", pa.string(), nullable=False),  # memorized, clean or continue
+        pa.field("reason", pa.string(), nullable=False),
     ]
 )

@@ -89,6 +89,17 @@ class StepReport:
         if errors and len(self.first_errors) < 3:
             self.first_errors.append(f"{marker.get('shard')}: {errors} failed, e.g. {marker.get('first_error')}")
 
+    def merged(self, other: StepReport) -> StepReport:
+        """This report and ``other`` (a later invocation of the same step, e.g. the next round)
+        added up; busy time and seconds add, so throughput stays rows over time spent."""
+        return StepReport(
+            shards_total=self.shards_total + other.shards_total, shards_skipped=self.shards_skipped + other.shards_skipped,
+            shards_written=self.shards_written + other.shards_written,
+            shards_failed={**self.shards_failed, **other.shards_failed}, rows_ok=self.rows_ok + other.rows_ok,
+            rows_error=self.rows_error + other.rows_error, first_errors=(self.first_errors + other.first_errors)[:3],
+            counts=self.counts + other.counts, busy_s=self.busy_s + other.busy_s, seconds=self.seconds + other.seconds,
+            markers=self.markers + other.markers)
+
     def add_busy_window(self, markers: list[dict[str, Any]]) -> None:
         starts = [float(m.get("started_at", 0)) for m in markers]
         ends = [float(m.get("finished_at", 0)) for m in markers]

@@ -67,9 +67,12 @@ class DriverRun:
     output: str
 
 
-def run_driver(args: list[str], env: dict[str, str] | None = None, interval: float = 0.2) -> DriverRun:
+def run_driver(args: list[str], env: dict[str, str] | None = None, interval: float = 0.2,
+               own_only: bool = False) -> DriverRun:
     """`memaudit ARGS` in a subprocess: its exact peak RSS (it reports its own ru_maxrss) and the
-    memaudit actors' peak total RSS (sampled every ``interval`` s)."""
+    memaudit actors' peak total RSS (sampled every ``interval`` s): every such actor on the
+    machine, or with ``own_only`` only the driver's descendants (a driver that starts its own
+    local Ray)."""
     import psutil
 
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, *args], stdout=subprocess.PIPE,
@@ -77,13 +80,23 @@ def run_driver(args: list[str], env: dict[str, str] | None = None, interval: flo
     peaks = {"actors": 0}
     done = threading.Event()
 
+    def candidates() -> list[psutil.Process]:
+        if not own_only:
+            return list(psutil.process_iter())
+        try:
+            return psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
     def sample() -> None:
         while not done.wait(interval):
             total = 0
-            for p in psutil.process_iter(["cmdline", "memory_info"]):
-                title = " ".join(p.info["cmdline"] or [])
-                if title.startswith(ACTORS) and p.info["memory_info"] is not None:
-                    total += p.info["memory_info"].rss
+            for p in candidates():
+                try:
+                    if " ".join(p.cmdline()).startswith(ACTORS):
+                        total += p.memory_info().rss
+                except psutil.Error:
+                    continue
             peaks["actors"] = max(peaks["actors"], total)
 
     sampler = threading.Thread(target=sample, daemon=True)

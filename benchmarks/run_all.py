@@ -45,6 +45,10 @@ BENCHMARKS: dict[str, tuple[list[str] | None, list[str] | None]] = {
     "cliques": ([], []),
     # each family's tiny checkpoint side by side, and Flux's extra unconditional call (CPU code paths)
     "families": ([], None),
+    # screening (docs/screening.md): throughput vs the full audit, detection, two-stage vs full (the
+    # testbeds are 40% memorized: escalate the top half, rounds up to 16), driver memory at scale;
+    # the GPU profile adds the SD1.5 screening roofline and 100k prompts
+    "screen": (["--per-group", "8", "--scale", "20000", "--top", "0.5", "--max-samples", "16"], ["--profile", "gpu"]),
 }
 # benchmarks that run another benchmark's script with other arguments
 SCRIPTS = {"generation_sdxl": "generation"}
@@ -106,6 +110,21 @@ def headline(name: str, result: dict[str, Any]) -> str:
     if name == "families":
         rates = ", ".join(f"{family} {row['images_per_s']:.1f}" for family, row in result["families"].items())
         return f"tiny img/s: {rates}; Flux extra uncond call {result['flux_extra_uncond_cost']:.3f}x the time"
+    if name == "screen":
+        parts = []
+        for testbed, r in result.get("testbeds", {}).items():
+            t, recall = r["throughput"], r["recall_of_full_flags"]
+            parts.append(f"{testbed}: screen {t['ratio']:.1f}x the full audit's prompts/s, two-stage keeps "
+                         f"{'n/a' if recall is None else f'{recall:.2f}'} of its flags at "
+                         f"{r['denoiser_calls']['ratio']:.2f}x the denoiser calls")
+        if "scale" in result:
+            top = result["scale"]["results"][-1]
+            parts.append(f"driver peak {100 * (result['scale']['driver_ratio'] - 1):+.1f}% at {top['prompts']:,} "
+                         "prompts vs a tenth")
+        if "stage_fraction_of_roofline" in result.get("roofline", {}):
+            parts.append(f"{result['roofline']['arch']} screening at "
+                         f"{100 * result['roofline']['stage_fraction_of_roofline']:.1f}% of the bf16 roofline")
+        return "; ".join(parts)
     return ", ".join(f"{k}" for k in list(result)[:4])
 
 

@@ -112,3 +112,18 @@ def test_generation_benchmark_times_the_sdxl_pipeline_scaled_down(tmp_path: Path
     result = json.loads(out.read_text())
     assert result["arch"] == "sdxl-tiny" and result["ray_images_per_s"] > 0 and result["plain_images_per_s"] > 0
     assert result["tflop_per_image"] > 0 and "arch sdxl-tiny" in done.stdout
+
+
+def test_screen_benchmark_counts_and_times_the_screen_on_the_tiny_model(tmp_path: Path) -> None:
+    """The GPU profile's roofline path of ``screen.py`` (the SD1.5 run is ``--profile gpu``) on the
+    tiny checkpoint, without Ray: the screen stage timed, its FLOPs per prompt counted (~10 s)."""
+    out = tmp_path / "screen.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "screen.py"), "--parts", "roofline", "--arch", "tiny",
+                           "--roofline-prompts", "2", "--roofline-batch-size", "2", "--roofline-steps", "2",
+                           "--seeds", "1", "--no-ray", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    roofline = json.loads(out.read_text())["roofline"]
+    assert roofline["arch"] == "tiny" and roofline["seeds"] == 1 and roofline["stage_prompts_per_s"] > 0
+    assert 0 < roofline["flops_per_prompt"] < roofline["generation_flops_per_prompt"]
+    assert "FLOPs per screened prompt" in done.stdout and "| stage |" in done.stdout

@@ -53,11 +53,11 @@ def _run(folder: Path, builtin: str, extra: dict[str, Any], batch_size: int) -> 
     return Path(line.removeprefix("run: "))
 
 
-# SD3 (flow, batched CFG) and Flux (flow, extra unconditional call) run on Ray in every suite. SD2-v,
-# SDXL and PixArt (~20 s each on Ray) run by hand (--run-slow): their conversions (v, ε, learned
-# variance) are checked exactly in test_the_conversions_recover_the_noise_exactly, and SDXL goes
-# through the generation stage in tests/test_lora.py, in every suite.
-BY_HAND = {"sd2", "sdxl", "pixart"}
+# SD3 (flow, batched CFG) runs on Ray in every suite. SD2-v, SDXL, PixArt and Flux (flow, extra
+# unconditional call) (~12-20 s each on Ray) run by hand (--run-slow): their conversions (v, ε,
+# learned variance, flow) are checked exactly in test_the_conversions_recover_the_noise_exactly, and
+# SDXL, SD3 and Flux go through the generation stage in tests/test_lora.py, in every suite.
+BY_HAND = {"sd2", "sdxl", "pixart", "flux"}
 
 
 @pytest.fixture(scope="module", params=[pytest.param(name, marks=[pytest.mark.slow] if name in BY_HAND else [])

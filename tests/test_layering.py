@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                            "audit.testbed.train", "audit.testbed.lora", "audit.prompts", "audit.plan")),
     ("stage: embed", ("audit.embed",)),
     ("stage: generate", ("audit.generate",)),
+    ("stage: screen", ("audit.screen",)),
     ("stage: reference", ("audit.reference",)),
     ("stage: detect", ("audit.detect",)),
     ("runs, readers and tools", ("audit.runs", "audit.report", "audit.reconcile", "audit.watch_state",

@@ -151,6 +151,7 @@ def test_deleted_shard_is_regenerated_byte_identical(first_run: dict, tmp_path: 
     assert marker["sha256"] == before["shard-00002.parquet"][2]
 
 
+@pytest.mark.slow
 def test_retry_failed_regenerates_only_failed_rows(first_run: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg, run = _copy_of_first_run(first_run, tmp_path)
     store = RunStore(run)
@@ -216,6 +217,7 @@ def test_generation_actor_killed_mid_run_is_replaced_and_the_result_is_identical
     assert main(["verify", str(run)]) == 0
 
 
+@pytest.mark.slow
 def test_killed_run_keeps_finished_shards_and_resumes(ray_local: str, tiny_checkpoint: Path, tmp_path: Path,
                                                       first_run: dict) -> None:
     cfg = _config(tmp_path, tiny_checkpoint, tmp_path / "prompts.txt", tmp_path / "runs")

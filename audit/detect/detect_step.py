@@ -1,8 +1,9 @@
-"""The detection step for one samples/ shard: cliques, verification, prompt scores (Ray-free).
+"""The detection step for one plan shard: cliques, verification, prompt scores (Ray-free).
 
-Reads the shard's samples, embeddings and neighbors, writes ``matches/`` (every verified pair
-with its measures and label) and ``prompt_scores/`` (one row per prompt), each published
-atomically with its marker.
+Reads the samples, embeddings and neighbors of the shard's samples shards (one, or one per round
+of an adaptive run; docs/screening.md), writes ``matches/`` (every verified pair with its measures
+and label) and ``prompt_scores/`` (one row per prompt, and in a screened run one per prompt the
+screen decided), each published atomically with its marker.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import io
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -33,6 +36,18 @@ from audit.similarity import common_size, pairwise_tiled_l2, tile_structure
 from audit.store import RunStore
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DetectTask:
+    """One plan shard to detect on: ``parts`` are its samples shards (its rounds, in order; none
+    when the screen decided all its prompts), ``screened`` the escalation rows of its prompts
+    (None: the run is not screened), ``inputs`` what the outputs are computed from."""
+
+    shard: str
+    inputs: dict[str, str]
+    parts: tuple[str, ...]
+    screened: list[dict[str, Any]] | None = None
 
 
 class DetectStep:
@@ -57,32 +72,43 @@ class DetectStep:
     def describe(self) -> dict[str, Any]:
         return {"device": self.device, "reference": self.images is not None, "thresholds": self.thresholds.source}
 
-    def run(self, task: tuple[str, dict[str, str]]) -> dict[str, Any]:
-        shard, inputs = task
-        samples = pq.read_table(self.store.readable(layout.SAMPLES, shard),
-                                columns=["sample_id", "prompt_id", "image_png", "noise_magnitude", "status"]).to_pydict()
-        embeddings = pq.read_table(self.store.readable(layout.EMBEDDINGS, shard))
-        dim = int(embeddings.schema.field("embedding").metadata[b"dim"])
-        sample_emb = dict(zip(embeddings.column("sample_id").to_pylist(),
-                              decode_embeddings(embeddings.column("embedding"), dim)))
-        neighbors = self._neighbors(shard)
+    def run(self, task: DetectTask) -> dict[str, Any]:
+        shard, inputs = task.shard, task.inputs
+        score_rows: list[dict[str, Any]] = []
+        self.store.invalidate(layout.MATCHES, shard)
+        self.store.invalidate(layout.PROMPT_SCORES, shard)
+        with self.store.open_shard(layout.MATCHES, shard, MATCHES) as matches:
+            if task.parts:
+                self._detect_shard(task.parts, score_rows, matches.write)
+            matches.commit(inputs=inputs)
+        if task.screened is not None:
+            score_rows = screened_rows(score_rows, task.screened, self.det.clique_min)
+        # prompt_scores is published last: its marker means "detection done for this shard"
+        with self.store.open_shard(layout.PROMPT_SCORES, shard, PROMPT_SCORES) as scores:
+            scores.write({name: [r.get(name) for r in score_rows] for name in PROMPT_SCORES.names})
+            return scores.commit(inputs=inputs)
+
+    def _detect_shard(self, parts: tuple[str, ...], score_rows: list[dict[str, Any]], write: Any) -> None:
+        """Detection over every samples shard of a plan shard (its rounds, in order)."""
+        columns = ["sample_id", "prompt_id", "image_png", "noise_magnitude", "status"]
+        samples = pa.concat_tables([pq.read_table(self.store.readable(layout.SAMPLES, part), columns=columns)
+                                    for part in parts]).to_pydict()
+        sample_emb: dict[str, np.ndarray] = {}
+        neighbors: dict[str, list[tuple[int, int, str | None, float]]] = defaultdict(list)
+        for part in parts:
+            embeddings = pq.read_table(self.store.readable(layout.EMBEDDINGS, part))
+            dim = int(embeddings.schema.field("embedding").metadata[b"dim"])
+            sample_emb.update(zip(embeddings.column("sample_id").to_pylist(),
+                                  decode_embeddings(embeddings.column("embedding"), dim)))
+            neighbors.update(self._neighbors(part))
         by_prompt: dict[str, list[int]] = defaultdict(list)
         for i, prompt_id in enumerate(samples["prompt_id"]):
             by_prompt[prompt_id].append(i)
-        self.store.invalidate(layout.MATCHES, shard)
-        self.store.invalidate(layout.PROMPT_SCORES, shard)
-        score_rows: list[dict[str, Any]] = []
-        with self.store.open_shard(layout.MATCHES, shard, MATCHES) as matches:
-            for prompt_id, members in by_prompt.items():
-                pairs: list[dict[str, Any]] = []
-                score_rows.append(self._prompt(prompt_id, members, samples, sample_emb, neighbors, pairs))
-                if pairs:
-                    matches.write({name: [p[name] for p in pairs] for name in MATCHES.names})
-            matches.commit(inputs=inputs)
-        # prompt_scores is published last: its marker means "detection done for this shard"
-        with self.store.open_shard(layout.PROMPT_SCORES, shard, PROMPT_SCORES) as scores:
-            scores.write({name: [r[name] for r in score_rows] for name in PROMPT_SCORES.names})
-            return scores.commit(inputs=inputs)
+        for prompt_id, members in by_prompt.items():
+            pairs: list[dict[str, Any]] = []
+            score_rows.append(self._prompt(prompt_id, members, samples, sample_emb, neighbors, pairs))
+            if pairs:
+                write({name: [p[name] for p in pairs] for name in MATCHES.names})
 
     def _neighbors(self, shard: str) -> dict[str, list[tuple[int, int, str | None, float]]]:
         out: dict[str, list[tuple[int, int, str | None, float]]] = defaultdict(list)
@@ -206,3 +232,24 @@ class DetectStep:
         pair.update({k: measures[k] for k in ("tiled_l2", "rms", "cosine", "split_product", "structure_sum")})
         pair["label"] = verify.label(measures, pair["own"], self.thresholds)
         return pair
+
+
+def screened_rows(audited: list[dict[str, Any]], screened: list[dict[str, Any]],
+                  clique_min_setting: int | str) -> list[dict[str, Any]]:
+    """The prompt_scores rows of a screened shard, in the screen's prompt order: audited prompts
+    with their screen columns added, and a row for each prompt the screen decided (not escalated:
+    no samples, not flagged; docs/screening.md)."""
+    by_id = {r["prompt_id"]: r for r in audited}
+    out = []
+    for entry in screened:
+        screen = {"screen_score": entry["screen_score"], "screen_noise_magnitude": entry["noise_magnitude"],
+                  "screen_alignment": entry["alignment"], "escalated": entry["escalated"],
+                  "escalation": entry["escalation"]}
+        row = by_id.get(entry["prompt_id"])
+        if row is None:
+            row = {"prompt_id": entry["prompt_id"], "n_samples": 0, "noise_magnitude": None, "clique_size": 0,
+                   "clique_exact": True, "clique_upper": 0, "clique_min": clique_min(clique_min_setting, 0),
+                   "n_matching": 0, "n_retrieved": 0, "n_template": 0, "n_low_information": 0, "score": 0.0,
+                   "p_value": 1.0, "flagged": False, "status": STATUS_OK, "error": None}
+        out.append(row | screen)
+    return out

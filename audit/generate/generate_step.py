@@ -18,7 +18,7 @@ from audit.embed import samples as embedded_samples
 from audit.embed.embedding import EmbedStage
 from audit.errors import StorageError, storage_error
 from audit.location import Location
-from audit.plan import ShardSpec, shard_samples
+from audit.plan import ShardSpec
 from audit.schema import SAMPLES, SAMPLES_COMPRESSION, STATUS_OK
 from audit.store import RunStore
 
@@ -61,7 +61,7 @@ def generate_shard(
     aligned embeddings/ shard is published right after the samples shard, whose marker it names
     as its input; the returned marker then names the embedding model in
     ``embedded_while_generating``."""
-    rows = shard_samples(shard, cfg.generation.samples_per_prompt, cfg.run.seed)
+    rows = shard.sample_rows(cfg.generation.samples_per_prompt, cfg.run.seed)
     store.invalidate(TABLE, shard.name)
     if embed is None:
         with store.open_shard(TABLE, shard.name, SAMPLES, SAMPLES_COMPRESSION) as writer:
@@ -145,7 +145,7 @@ def retry_failed_samples(
     marker = store.read_marker(TABLE, shard.name) or {}
     if not failed:
         return marker
-    rows = shard_samples(shard, cfg.generation.samples_per_prompt, cfg.run.seed)
+    rows = shard.sample_rows(cfg.generation.samples_per_prompt, cfg.run.seed)
     keep = [i for i, sid in enumerate(rows["sample_id"]) if sid in failed]
     redo = {k: v[keep] for k, v in rows.items()}
     fresh: dict[str, Batch] = {}

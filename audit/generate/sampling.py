@@ -17,6 +17,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,30 +67,13 @@ class GenerateStage:
         """Run the pipeline on one batch (the accelerator phase)."""
         gen = self.cfg.generation
         n = len(batch["seed"])
-        # Every forward has exactly compute.batch_size rows (a short batch is padded with copies
-        # of its last row, whose outputs are dropped): kernels are chosen by shape, so a fixed
-        # shape makes a sample's pixels independent of where it falls in a shard.
-        pad = max(self.cfg.compute.batch_size - n, 0)
-        seeds = [int(s) for s in batch["seed"]] + [int(batch["seed"][-1])] * pad
-        prompts = [str(p) for p in batch["prompt"]] + [str(batch["prompt"][-1])] * pad
-        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        extra = partial(self._empty_prompt_inputs, len(seeds)) if gen.noise_magnitude_extra_uncond else None
-        recorder = NoiseMagnitudeRecorder(self.denoiser, len(seeds), gen.noise_magnitude_steps, self.conversion, extra)
-        kwargs = dict(self.family.call_kwargs)
-        if self.family.negative_prompt and gen.negative_prompt:  # else the pipeline's own default (SDXL: zeros)
-            kwargs["negative_prompt"] = [gen.negative_prompt] * len(seeds)
+        arguments = self.call_arguments(batch, "pt")
+        size = len(arguments["generator"])
+        extra = partial(self._empty_prompt_inputs, size) if gen.noise_magnitude_extra_uncond else None
+        recorder = NoiseMagnitudeRecorder(self.denoiser, size, gen.noise_magnitude_steps, self.conversion, extra)
         try:
             with torch.inference_mode(), recorder:
-                output = self.pipe(
-                    prompt=prompts,
-                    num_inference_steps=gen.steps,
-                    guidance_scale=gen.guidance_scale,
-                    height=gen.height,
-                    width=gen.width,
-                    generator=generators,
-                    output_type="pt",
-                    **kwargs,
-                )
+                output = self.pipe(**arguments)
             pixels, finite = to_uint8(output.images[:n])
             return RawBatch(pixels, finite, recorder.values()[:n], None)
         except Exception as exc:  # noqa: BLE001 - a failed batch becomes error rows, never a lost shard
@@ -98,6 +82,24 @@ class GenerateStage:
                 torch.cuda.empty_cache()
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
             return RawBatch(None, np.zeros(n, bool), np.full(n, np.nan, np.float32), reason)
+
+    def call_arguments(self, batch: Batch, output_type: str) -> dict[str, Any]:
+        """The pipeline ``__call__`` arguments for one batch of rows (``prompt`` and ``seed``).
+
+        Every forward has exactly compute.batch_size rows (a short batch is padded with copies of
+        its last row, whose outputs are dropped): kernels are chosen by shape, so a fixed shape
+        makes a sample's pixels, and its measurements, independent of where it falls in a shard."""
+        gen = self.cfg.generation
+        pad = max(self.cfg.compute.batch_size - len(batch["seed"]), 0)
+        seeds = [int(s) for s in batch["seed"]] + [int(batch["seed"][-1])] * pad
+        prompts = [str(p) for p in batch["prompt"]] + [str(batch["prompt"][-1])] * pad
+        kwargs: dict[str, Any] = dict(self.family.call_kwargs)
+        if self.family.negative_prompt and gen.negative_prompt:  # else the pipeline's own default (SDXL: zeros)
+            kwargs["negative_prompt"] = [gen.negative_prompt] * len(seeds)
+        return {"prompt": prompts, "num_inference_steps": gen.steps, "guidance_scale": gen.guidance_scale,
+                "height": gen.height, "width": gen.width,
+                "generator": [torch.Generator(device="cpu").manual_seed(s) for s in seeds],
+                "output_type": output_type, **kwargs}
 
     def _empty_prompt_inputs(self, batch_size: int) -> dict[str, torch.Tensor]:
         """The denoiser's text inputs for the empty prompt (a guidance-distilled model's extra

@@ -12,6 +12,7 @@ from typing import Any
 _EXPORTS = {
     "AuditResult": "audit.pipeline.audit",
     "run_audit": "audit.pipeline.audit",
+    "run_screen": "audit.pipeline.screening",
     "LOOPBACK": "audit.pipeline.ray_setup",
     "connect": "audit.pipeline.ray_setup",
 }

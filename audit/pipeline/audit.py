@@ -11,11 +11,15 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
 import ray
 
 from audit import layout
 from audit.config import AuditConfig
+from audit.detect.rounds import decide_round, read_round
+from audit.detect.thresholds import Thresholds
 from audit.embed.samples import EmbedSamplesStep
 from audit.embed.samples import inputs as embedding_inputs
 from audit.errors import InputError
@@ -25,9 +29,19 @@ from audit.pipeline.detection import detect, join_neighbors
 from audit.pipeline.pool import WorkerPool, run_tasks
 from audit.pipeline.reference import audit_thresholds, prepare_reference
 from audit.pipeline.ray_setup import cpu_actor_resources, embedding_placement, ray_session
-from audit.plan import ShardSpec
+from audit.pipeline.screening import screen_prompts
+from audit.plan import ShardSpec, keep_prompts, plan_shard_of, round_ends
 from audit.runs import PreparedRun, create_or_resume_run, prepare_run
 from audit.schema import STATUS_ERROR
+from audit.screen.run_screen import (
+    escalated_shards,
+    escalation_digest,
+    screen_complete,
+    screen_plan,
+    screen_rows,
+    write_escalation,
+)
+from audit.screen.run_screen import funnel as screen_funnel
 from audit.step import ShardTask, StepReport, StepSpec
 from audit.store import RunStore
 
@@ -44,6 +58,8 @@ class AuditResult:
     neighbors: StepReport | None = None  # None: no reference set configured
     detection: StepReport = field(default_factory=StepReport)
     location: str = ""  # the run folder as the user names it: a path or an object-store URI
+    screen: StepReport | None = None  # None: the run is not screened
+    escalation: dict[str, Any] | None = None  # the screen's funnel (run_screen.funnel); None: not decided
 
 
 def run_audit(cfg: AuditConfig, address: str | None = None, retry_failed: bool = False,
@@ -61,16 +77,68 @@ def run_audit(cfg: AuditConfig, address: str | None = None, retry_failed: bool =
         thresholds = audit_thresholds(cfg, reference, model_id)  # may calibrate the reference: before any work
         device, dtype = resolve_numerics(cfg.model, ray.cluster_resources().get("GPU", 0) > 0)
         store = create_or_resume_run(prepared, device.split(":")[0], dtype, force)
-        generation = generate_samples(store, prepared, device, dtype, retry_failed)
+        plan_shards = prepared.plan.shards()
+        shards, screened, funnel, decided = plan_shards, None, None, None
+        if cfg.screen is not None:
+            screened = screen_prompts(store, prepared, device, dtype)
+            store.sync()
+            if not screen_complete(store, screen_plan(prepared.plan, cfg.screen)):
+                log.warning("screen: %d shards failed; nothing is escalated until they are done (run again)",
+                            len(screened.shards_failed))
+                return AuditResult(store.path, StepReport(), location=store.location, screen=screened)
+            decided = write_escalation(store, cfg, prepared.plan)
+            funnel = screen_funnel(decided, cfg.screen)
+            log.info("screen: %(escalated)d of %(screened)d prompts escalated to the full audit", funnel)
+            shards = escalated_shards(plan_shards, decided)
+        audited = _audit_rounds(store, prepared, device, dtype, retry_failed, shards, reference, thresholds, decided)
+        store.sync()
+    return AuditResult(store.path, *audited, location=store.location, screen=screened, escalation=funnel)
+
+
+def _audit_rounds(store: RunStore, prepared: PreparedRun, device: str, dtype: str, retry_failed: bool,
+                  shards: list[ShardSpec], reference: Path | None, thresholds: Thresholds,
+                  decided: pa.Table | None) -> tuple[StepReport, StepReport, StepReport | None, StepReport]:
+    """Generation, embeddings, join and detection of ``shards`` (every plan shard, or a screened
+    run's escalated prompts), round after round when ``generation.max_samples_per_prompt`` is set
+    (docs/screening.md, "Rounds"): each round doubles the samples of the prompts not decided yet.
+    Returns the four steps' reports, summed over the rounds run now."""
+    cfg = prepared.cfg
+    plan_names = [s.name for s in prepared.plan.shards()]
+    ends = round_ends(cfg.generation.samples_per_prompt, cfg.generation.max_samples_per_prompt)
+    parts = {s.name: [s.name] for s in shards}
+    sizes = {s.name: len(s.prompt_ids) * ends[0] for s in shards}
+    screen_only = screen_rows(prepared.plan.shards(), decided) if decided is not None else None
+    digest = escalation_digest(decided) if decided is not None else None
+    reports = [StepReport(), StepReport(), None, StepReport()]
+    specs, active = shards, {p for s in shards for p in s.prompt_ids}
+    for k, end in enumerate(ends):
+        if k > 0:
+            active = decide_round(store, k - 1, sorted(parts), active, cfg.generation.clean_after_samples)
+            specs = keep_prompts(shards, active, k, ends[k - 1], end)
+            if not specs:
+                break
+            log.info("round %d: %d prompts go on to %d samples each", k, len(active), end)
+            for spec in specs:
+                base = plan_shard_of(spec.name)
+                parts[base].append(spec.name)
+                sizes[base] += len(spec.prompt_ids) * (end - ends[k - 1])
+        generation = generate_samples(store, prepared, device, dtype, retry_failed, specs)
         store.sync()  # other nodes' shards (object-store runs)
-        embeddings = embed_samples(store, prepared, generation)
+        embeddings = embed_samples(store, prepared, generation, specs)
         store.sync()
-        names = [spec.name for spec in prepared.plan.shards()]
-        sizes = {spec.name: len(spec.prompt_ids) * cfg.generation.samples_per_prompt for spec in prepared.plan.shards()}
+        names = [name for shard_parts in parts.values() for name in shard_parts]
         joined = join_neighbors(store, cfg, reference, names) if reference is not None else None  # no sync needed
-        detected = detect(store, cfg, names, sizes, thresholds)
+        if k + 1 < len(ends) and read_round(store, k) is not None:
+            detected = StepReport()  # decided before (a resumed run): the next round's detection covers it
+        else:
+            detected = detect(store, cfg, plan_names if decided is not None else list(parts), sizes, thresholds,
+                              screen_only, digest, parts)
         store.sync()
-    return AuditResult(store.path, generation, embeddings, joined, detected, store.location)
+        for i, report in enumerate((generation, embeddings, joined, detected)):
+            reports[i] = report if reports[i] is None or report is None else reports[i].merged(report)
+        if generation.shards_failed or embeddings.shards_failed or detected.shards_failed:
+            break  # decide this round only when every shard of it is done (run again)
+    return reports[0], reports[1], reports[2], reports[3]  # type: ignore[return-value]
 
 
 def _check_reference(cfg: AuditConfig, model_id: str) -> None:
@@ -91,14 +159,14 @@ def _check_reference(cfg: AuditConfig, model_id: str) -> None:
                          f"section gives {model_id}; use the index's model or re-embed the reference")
 
 
-def _worker_resources(cfg: AuditConfig, device: str, n_workers: int) -> dict[str, float]:
+def worker_resources(cfg: AuditConfig, device: str, n_workers: int) -> dict[str, float]:
     if device.startswith("cuda"):
         cpus = 1 if cfg.compute.cpus_per_worker == "auto" else cfg.compute.cpus_per_worker
         return {"num_gpus": cfg.compute.gpus_per_worker, "num_cpus": cpus}
     return cpu_actor_resources(cfg.compute.cpus_per_worker, n_workers)
 
 
-def _n_workers(cfg: AuditConfig, device: str, n_todo: int) -> int:
+def worker_count(cfg: AuditConfig, device: str, n_todo: int) -> int:
     if cfg.compute.num_workers != "auto":
         return min(int(cfg.compute.num_workers), n_todo)
     if device.startswith("cuda"):
@@ -115,7 +183,7 @@ def _generation_tasks(store: RunStore, shards: list[ShardSpec], retry_failed: bo
         log.info("removed %d stale temporary files", removed)
     tasks = []
     for spec in shards:
-        units = len(spec.prompt_ids) * per_prompt
+        units = spec.n_samples(per_prompt)
         if not store.is_complete(layout.SAMPLES, spec.name):
             tasks.append(ShardTask(spec.name, (spec, False), units))
             continue
@@ -126,20 +194,22 @@ def _generation_tasks(store: RunStore, shards: list[ShardSpec], retry_failed: bo
 
 
 def generate_samples(
-    store: RunStore, prepared: PreparedRun, device: str, dtype: str, retry_failed: bool = False
+    store: RunStore, prepared: PreparedRun, device: str, dtype: str, retry_failed: bool = False,
+    shards: list[ShardSpec] | None = None,
 ) -> StepReport:
     """Run the shards of ``samples/`` that are missing (or, with ``retry_failed``, that hold
     failed rows) on a pool of generation workers. ``counts["embedded_while_generating"]``: shards
-    whose embeddings the workers wrote too."""
+    whose embeddings the workers wrote too. ``shards``: the samples shards to make (default:
+    every plan shard; a screened run passes its escalated prompts' shards)."""
     cfg = prepared.cfg
     started = time.time()
-    shards = prepared.plan.shards()
+    shards = prepared.plan.shards() if shards is None else shards
     todo = _generation_tasks(store, shards, retry_failed, cfg.generation.samples_per_prompt)
     if not todo:
         log.info("samples: all %d shards complete; nothing to generate", len(shards))
         return StepReport(shards_total=len(shards), shards_skipped=len(shards))
-    n_workers = _n_workers(cfg, device, len(todo))
-    resources = _worker_resources(cfg, device, n_workers)
+    n_workers = worker_count(cfg, device, len(todo))
+    resources = worker_resources(cfg, device, n_workers)
     log.info("samples: %d shards to do, %d complete; %d workers with %s", len(todo), len(shards) - len(todo),
              n_workers, resources)
     settings = {"cfg": cfg, "run": store.where, "device": device, "dtype": dtype,
@@ -158,15 +228,16 @@ def embeds_while_generating(cfg: AuditConfig, device: str) -> bool:
     return cfg.compute.embed_with_generation and cfg.embedding.device in {"auto", device, device.split(":")[0]}
 
 
-def embed_samples(store: RunStore, prepared: PreparedRun, generation: StepReport | None = None) -> StepReport:
+def embed_samples(store: RunStore, prepared: PreparedRun, generation: StepReport | None = None,
+                  shards: list[ShardSpec] | None = None) -> StepReport:
     """Embed every complete samples/ shard whose embeddings/ shard is missing or was made by
     another embedding model. Shards the generation workers just embedded count as written, in
-    ``counts["embedded_while_generating"]``."""
+    ``counts["embedded_while_generating"]``. ``shards`` as for :func:`generate_samples`."""
     from audit.embed.models import model_id_of
 
     cfg = prepared.cfg
     model_id = model_id_of(cfg.embedding)
-    shards = prepared.plan.shards()
+    shards = prepared.plan.shards() if shards is None else shards
     ready = [s.name for s in shards if store.is_complete(layout.SAMPLES, s.name)]
     todo = [n for n in ready if not store.is_current(layout.EMBEDDINGS, n, embedding_inputs(store, n, model_id))]
     just_now = {str(m.get("shard")) for m in (generation.markers if generation else []) if m.get(EMBEDDED_WHILE_GENERATING)}
@@ -175,8 +246,7 @@ def embed_samples(store: RunStore, prepared: PreparedRun, generation: StepReport
         device, resources, n_workers = embedding_placement(cfg.embedding.device, cfg.compute.cpus_per_worker)
         pool = WorkerPool(StepSpec(EmbedSamplesStep, {"cfg": cfg, "run": store.where, "device": device}), resources,
                           "embedding")
-        per_prompt = cfg.generation.samples_per_prompt
-        sizes = {s.name: len(s.prompt_ids) * per_prompt for s in shards}
+        sizes = {s.name: s.n_samples(cfg.generation.samples_per_prompt) for s in shards}
         tasks = [ShardTask(name, name, sizes[name]) for name in todo]
         report = run_tasks(pool, n_workers, tasks, cfg.compute.max_attempts, "img", "embed")
     else:

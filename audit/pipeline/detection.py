@@ -26,7 +26,7 @@ from ray.exceptions import RayActorError
 from audit import layout
 from audit.config import AuditConfig
 from audit.detect.join import JoinStep, check_compatible, query_groups
-from audit.detect.detect_step import DetectStep
+from audit.detect.detect_step import DetectStep, DetectTask
 from audit.detect.thresholds import Thresholds
 from audit.pipeline.pool import WorkerPool, reason, run_tasks
 from audit.pipeline.ray_setup import cpu_actor_resources
@@ -144,22 +144,34 @@ def _fan_out(actors: list[Any], args: list[tuple[Any, ...]], queries: np.ndarray
 
 
 def detect(store: RunStore, cfg: AuditConfig, names: list[str], sizes: dict[str, int],
-           thresholds: Thresholds) -> StepReport:
-    """Cliques, verification and prompt scores for every shard whose inputs changed (the
-    thresholds, resolved once on the driver, are recorded in ``thresholds.json`` and in every
-    shard's inputs: a new calibration redoes detection)."""
+           thresholds: Thresholds, screened: dict[str, list[dict[str, Any]]] | None = None,
+           escalation: str | None = None, parts: dict[str, list[str]] | None = None) -> StepReport:
+    """Cliques, verification and prompt scores for every plan shard in ``names`` whose inputs
+    changed (the thresholds, resolved once on the driver, are recorded in ``thresholds.json`` and
+    in every shard's inputs: a new calibration redoes detection).
+
+    ``parts``: each plan shard's samples shards (its rounds; default: the shard itself). A
+    screened run passes the escalation rows of each shard's prompts in ``screened`` and the
+    decisions' digest in ``escalation``; a plan shard without parts then holds only prompts the
+    screen decided."""
     store.write_json(thresholds.to_json(), layout.THRESHOLDS_JSON)
     extra = {"detection": hashlib.sha256(json.dumps(cfg.detection.model_dump(mode="json"), sort_keys=True)
                                          .encode()).hexdigest()[:16], "thresholds": thresholds.digest()}
+    if escalation is not None:
+        extra["escalation"] = escalation
     tables = (layout.SAMPLES, layout.EMBEDDINGS, layout.NEIGHBORS) if cfg.reference.path \
         else (layout.SAMPLES, layout.EMBEDDINGS)
     todo = []
     for name in names:
-        if not all(store.is_complete(t, name) for t in tables):
+        shard_parts = (parts or {}).get(name, [name] if screened is None else [])
+        if not all(store.is_complete(t, part) for part in shard_parts for t in tables):
             continue
-        inputs = store.inputs_of(name, tables, extra)
+        inputs = store.inputs_of(shard_parts[0] if shard_parts else name, tables if shard_parts else (), extra)
+        for part in shard_parts[1:]:  # later rounds (the first keeps the keys of a one-round run)
+            inputs.update({f"{t}/{part}": h for t, h in store.inputs_of(part, tables).items()})
         if not store.is_current(layout.PROMPT_SCORES, name, inputs):
-            todo.append(ShardTask(name, (name, inputs), sizes.get(name, 1)))
+            task = DetectTask(name, inputs, tuple(shard_parts), None if screened is None else screened.get(name, []))
+            todo.append(ShardTask(name, task, sizes.get(name, 1)))
     if not todo:
         return StepReport(shards_total=len(names), shards_skipped=len(names))
     n_workers = max(1, min(len(todo), int(ray.cluster_resources().get("CPU", 1)) // 2))

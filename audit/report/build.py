@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,18 @@ import pyarrow.compute as pc
 from audit.errors import InputError
 from audit.report import html as H
 from audit.report import plots
+from audit.report import screen as S
 from audit.report.baseline import generated_pairs, generated_to_train, train_to_train
 from audit.report.stats import LABELS, best_labels, summarise
-from audit.report.tables import complete_table, prompt_texts, read_run, require, run_thresholds
+from audit.report.tables import (
+    complete_table,
+    escalation_table,
+    prompt_texts,
+    read_run,
+    require,
+    run_samples,
+    run_thresholds,
+)
 from audit import layout
 from audit.location import Location
 from audit.remote import push_tree
@@ -39,7 +49,8 @@ def write_report(run_path: str | Path | Location, gallery_size: int = 24, baseli
     object-store run's report is published to its ``report/`` prefix. Returns index.html's place."""
     store, info = read_run(run_path)
     scores = require(store, layout.PROMPT_SCORES)
-    samples = require(store, layout.SAMPLES, ["sample_id", "prompt_id", "status"])
+    escalation = escalation_table(store)  # None: the run was not screened
+    samples = run_samples(store, screened=escalation is not None)
     matches = complete_table(store, layout.MATCHES)
     neighbors = complete_table(store, layout.NEIGHBORS, ["sample_id", "rank", "row", "score"])
     prompt_text = prompt_texts(store)
@@ -54,8 +65,17 @@ def write_report(run_path: str | Path | Location, gallery_size: int = 24, baseli
         "calibration": plots.calibration_histograms(_null(reference), generated_pairs(matches), thresholds,
                                                     out / "calibration.png"),
         "similarity": plots.similarity_histogram(generated, baseline, out / "similarity.png"),
-        "detectors": plots.detector_distributions(scores, out / "detectors.png"),
+        "detectors": plots.detector_distributions(_audited(scores, escalation), out / "detectors.png",
+                                                  "Detector signals per " + ("prompt" if escalation is None
+                                                                             else "escalated prompt")),
     }
+    screen: dict[str, Any] | None = None
+    if escalation is not None:
+        screen = S.funnel(escalation, scores, info)
+        figures["screen"] = plots.screen_histogram(
+            S.screen_scores(escalation), np.array(escalation.column("escalated").to_pylist(), bool),
+            S.flag_mask(escalation, scores), screen["settings"].get("threshold"), screen["top_cutoff"],
+            out / "screen.png")
     pairs = _gallery(store, matches, reference, prompt_text, gallery_size)
     rows = _prompt_rows(scores, prompt_text)
     summary.update({
@@ -72,6 +92,8 @@ def write_report(run_path: str | Path | Location, gallery_size: int = 24, baseli
         "flagged": [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "score": r["score"]}
                     for r in rows if r["flagged"]],
     })
+    if screen is not None:  # a run without a screen keeps exactly its former summary
+        summary["screen"] = screen
     write_bytes_atomic(out / "summary.json", json.dumps(summary, indent=2).encode())
     document = _document(info, summary, pairs, figures, rows)
     write_bytes_atomic(out / "index.html", document.encode())
@@ -111,8 +133,21 @@ def _prompt_rows(scores: pa.Table, prompt_text: dict[str, str]) -> list[dict[str
     for r in rows:
         r["prompt"] = prompt_text.get(r["prompt_id"], "")
         r["flagged"] = bool(r["flagged"])
-    rows.sort(key=lambda r: (-float(r["score"]), r["prompt_id"]))
+    # Ties (every prompt a screen decided scores 0) go to the higher screen score, then the id.
+    rows.sort(key=lambda r: (-float(r["score"]), _descending(r.get("screen_score")), r["prompt_id"]))
     return rows
+
+
+def _descending(value: float | None) -> float:
+    return -float(value) if value is not None and math.isfinite(value) else math.inf
+
+
+def _audited(scores: pa.Table, escalation: pa.Table | None) -> pa.Table:
+    """The prompts the full audit scored: in a screened run the escalated ones (the others have
+    no samples, so no detector signal), else every prompt."""
+    if escalation is None:
+        return scores
+    return scores.filter(pc.fill_null(scores.column("escalated"), False))
 
 
 def _gallery(store: Any, matches: pa.Table | None, reference: Path | None, prompt_text: dict[str, str],
@@ -161,12 +196,18 @@ def _gallery(store: Any, matches: pa.Table | None, reference: Path | None, promp
 def _document(info: dict[str, Any], summary: dict[str, Any], pairs: list[dict[str, Any]],
               figures: dict[str, Path], rows: list[dict[str, Any]]) -> str:
     """The report page (``templates/report.html.j2``): run settings, headline cards, the gallery of
-    verified pairs, the plots inlined as data URIs and the sortable table of prompts."""
+    verified pairs, the plots inlined as data URIs and the sortable table of prompts; in a
+    screened run also the screen's funnel and score plot, and its columns in the table."""
+    screen = summary.get("screen")
+    plot_uris = {name: H.file_data_uri(path.read_bytes()) for name, path in figures.items()}
+    columns = PROMPT_COLUMNS if screen is None else PROMPT_COLUMNS[:5] + S.SCREEN_COLUMNS + PROMPT_COLUMNS[5:]
     return H.render(
         "report.html.j2", f"memaudit report — {info.get('model_name')} {info.get('checkpoint_id')}",
         run=summary["run"], config=info["config"], summary=summary, cards=_cards(summary), pairs=pairs,
-        plots={name: H.file_data_uri(path.read_bytes()) for name, path in figures.items()},
-        prompts=H.sortable_table("prompts", PROMPT_COLUMNS, rows, row_class="flagged"))
+        plots={name: uri for name, uri in plot_uris.items() if name != "screen"},
+        screen=None if screen is None else {"cards": S.funnel_cards(screen), "note": S.settings_note(screen),
+                                            "plot": plot_uris["screen"]},
+        prompts=H.sortable_table("prompts", columns, rows, row_class="flagged", gaps=screen is not None))
 
 
 def _cards(summary: dict[str, Any]) -> list[dict[str, Any]]:

@@ -90,16 +90,32 @@ def fmt(value: Any, digits: int = 3) -> str:
 
 
 def sortable_table(table_id: str, columns: Sequence[tuple[str, str]], rows: Iterable[dict[str, Any]],
-                   row_class: str | None = None) -> dict[str, Any]:
+                   row_class: str | None = None, gaps: bool = False) -> dict[str, Any]:
     """What the ``sortable_table`` macro draws. ``columns``: (key, heading); a column whose values
     are all numbers sorts as numbers, others as text; rows where ``row_class`` is truthy get that
-    CSS class (e.g. "flagged")."""
+    CSS class (e.g. "flagged"). With ``gaps`` (a table whose numbers may be missing, such as a
+    screened run's prompts, most of them never audited) a column also sorts as numbers when its
+    only other values are missing, a missing number sorts below every number and a boolean as
+    0 or 1."""
     rows = list(rows)
     numeric = {key for key, _ in columns if rows and all(isinstance(r.get(key), (int, float)) for r in rows)}
+    if gaps:
+        numeric |= {key for key, _ in columns if any(isinstance(r.get(key), (int, float)) for r in rows)
+                    and all(r.get(key) is None or isinstance(r.get(key), (int, float)) for r in rows)}
     return {
         "id": table_id,
         "headings": [{"title": title, "type": "number" if key in numeric else "text"} for key, title in columns],
         "rows": [{"css_class": row_class if row_class and r.get(row_class) else None,
-                  "cells": [{"numeric": key in numeric, "value": "" if r.get(key) is None else str(r.get(key)),
+                  "cells": [{"numeric": key in numeric, "value": _sort_value(r.get(key), gaps and key in numeric),
                              "text": fmt(r.get(key))} for key, _ in columns]} for r in rows],
     }
+
+
+def _sort_value(value: Any, numeric_gaps: bool) -> str:
+    """A cell's ``data-value``, what the script sorts by."""
+    if numeric_gaps:
+        if value is None or (isinstance(value, float) and value != value):
+            return "-Infinity"  # parseFloat reads it: below every number
+        if isinstance(value, bool):
+            return str(int(value))
+    return "" if value is None else str(value)

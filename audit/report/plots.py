@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
@@ -72,7 +73,7 @@ SIGNALS = (
 )
 
 
-def detector_distributions(scores: pa.Table, out: Path) -> Path:
+def detector_distributions(scores: pa.Table, out: Path, heading: str = "Detector signals per prompt") -> Path:
     """One panel per signal: its distribution over prompts, flagged and not flagged apart."""
     flagged = scores.column("flagged").to_numpy(zero_copy_only=False).astype(bool)
     values = {name: scores.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
@@ -94,7 +95,39 @@ def detector_distributions(scores: pa.Table, out: Path) -> Path:
         ax.set_title(title, fontsize=9)
         ax.set_ylabel("prompts" if name == SIGNALS[0][0] else "")
     axes[0].legend(fontsize=8)
-    fig.suptitle("Detector signals per prompt", fontsize=10)
+    fig.suptitle(heading, fontsize=10)
+    return _save(fig, out)
+
+
+def screen_histogram(score: np.ndarray, escalated: np.ndarray, flagged: np.ndarray, threshold: float | None,
+                     top_cutoff: float | None, out: Path) -> Path:
+    """The screen score over every screened prompt, stacked: not escalated, escalated and not
+    flagged, escalated and flagged; the score threshold (and the lowest score ``screen.top``
+    escalated) as lines. Unmeasured prompts (no score) are counted in the title."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    finite = np.isfinite(score)
+    lines = [(v, style, label) for v, style, label in ((threshold, "--", "threshold"), (top_cutoff, ":", "top cutoff"))
+             if v is not None]
+    groups = ((~escalated, "not escalated", "#7f7f7f"), (escalated & ~flagged, "escalated, not flagged", "#1f77b4"),
+              (escalated & flagged, "escalated and flagged", "#d62728"))
+    if finite.any():
+        values = np.concatenate([score[finite], [v for v, _, _ in lines]])
+        bins = np.linspace(float(values.min()), float(values.max()) + 1e-9, 31)
+        chosen = [(score[mask & finite], label, colour) for mask, label, colour in groups]
+        chosen = [(data, f"{label} ({data.size})", colour) for data, label, colour in chosen if data.size]
+        ax.hist([d for d, _, _ in chosen], bins=bins, stacked=True, color=[c for _, _, c in chosen],
+                label=[lab for _, lab, _ in chosen], alpha=0.8)
+        for value, style, label in lines:
+            ax.axvline(value, color="black", linestyle=style, label=f"{label} {value:.3g}")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no prompt measured", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("screen score (mean robust z of log noise magnitude and alignment)")
+    ax.set_ylabel("prompts")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    unmeasured = int((~finite).sum())
+    ax.set_title("Screen scores of all screened prompts" + (f" ({unmeasured} unmeasured, escalated)" if unmeasured
+                                                             else ""), fontsize=10)
     return _save(fig, out)
 
 

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from audit import layout
 from audit.errors import InputError
+from audit.schema import ESCALATION
 from audit.store import RunStore
 
 
@@ -51,6 +52,18 @@ def require(store: RunStore, table: str, columns: list[str] | None = None) -> pa
     return found
 
 
+SAMPLE_STATUS_COLUMNS = ["sample_id", "prompt_id", "status"]
+
+
+def run_samples(store: RunStore, screened: bool) -> pa.Table:
+    """Every sample's id, prompt and status. A screened run may have no samples shard at all (the
+    screen escalated nothing): then an empty table; any other run must have some."""
+    if not screened:
+        return require(store, layout.SAMPLES, SAMPLE_STATUS_COLUMNS)
+    found = complete_table(store, layout.SAMPLES, SAMPLE_STATUS_COLUMNS)
+    return found if found is not None else pa.table({name: pa.array([], pa.string()) for name in SAMPLE_STATUS_COLUMNS})
+
+
 def prompt_texts(store: RunStore) -> dict[str, str]:
     """prompt_id -> prompt text of the run's planned prompts."""
     prompts = pq.read_table(store.table_dir(layout.PROMPTS), columns=["prompt_id", "prompt"]).to_pydict()
@@ -67,3 +80,11 @@ def run_thresholds(store: RunStore, info: dict[str, Any]) -> dict[str, Any]:
     return {"source": "paper", "match_l2": det["match_l2"], "template_similarity": det["template_similarity"],
             "clique_delta": det["clique_delta"], "low_information": False, "verbatim_rate": None,
             "template_rate": None, "pair_rate": None, "flag_fpr": None, "calibration": None}
+
+
+def escalation_table(store: RunStore) -> pa.Table | None:
+    """The screen's decisions (``escalation/escalation.parquet``); None for a run without a screen
+    (or one whose screen has not decided yet). ``read_run`` has mirrored an object-store run's
+    files already, so a missing file means no screen."""
+    path = store.path / layout.escalation_file()
+    return pq.read_table(path).cast(ESCALATION) if path.is_file() else None
