@@ -255,6 +255,8 @@ class ScreenSection(Section):
 
     seeds: int = Field(4, gt=0, le=MAX_SAMPLES_PER_PROMPT, description="Initial noises per prompt (the seeds of "
                                                                       "its first samples).")
+    steps: int = Field(1, gt=0, description="Huang et al.: above 1, the norms of the latent updates over the first "
+                                            "`steps` sampler steps join the score (steps - 1 more CFG calls per seed).")
     prompts_per_shard: int = Field(256, gt=0, description="Prompts per screen/ shard (unit of resume).")
     threshold: float | None = Field(
         2.0, description="Escalate prompts whose screen_score (mean robust z-score of the signals against the "

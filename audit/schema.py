@@ -96,6 +96,7 @@ PROMPT_SCORES = pa.schema(
         pa.field("screen_score", pa.float32()),
         pa.field("screen_noise_magnitude", pa.float32()),
         pa.field("screen_alignment", pa.float32()),
+        pa.field("screen_latent_update", pa.float32()),
         pa.field("escalated", pa.bool_()),
         pa.field("escalation", pa.string()),
     ]
@@ -109,6 +110,8 @@ SCREEN = pa.schema(
         pa.field("alignment", pa.float32()),
         pa.field("noise_magnitude_seeds", pa.list_(pa.float32())),
         pa.field("alignment_seeds", pa.list_(pa.float32())),
+        pa.field("latent_update", pa.float32()),  # screen.steps > 1 only
+        pa.field("latent_update_seeds", pa.list_(pa.float32())),
         pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string()),
     ]
@@ -121,6 +124,8 @@ ESCALATION = pa.schema(
         pa.field("alignment", pa.float32()),
         pa.field("z_noise_magnitude", pa.float32()),
         pa.field("z_alignment", pa.float32()),
+        pa.field("latent_update", pa.float32()),
+        pa.field("z_latent_update", pa.float32()),
         pa.field("screen_score", pa.float32()),
         pa.field("rank", pa.int64(), nullable=False),
         pa.field("escalated", pa.bool_(), nullable=False),

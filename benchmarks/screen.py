@@ -15,7 +15,8 @@ Parts (``--parts``, default all four):
   or held out), the share of the full audit's flagged prompts the two-stage audit flags too
   (target >= 0.95), the ratio of denoiser calls and the funnel. ``--top`` / ``--threshold`` set the
   escalation (default: the config's, screen.threshold 2.0), ``--max-samples`` adaptive rounds of the
-  two-stage audit (mean samples per escalated prompt); other rules' share and call ratio are
+  two-stage audit (mean samples per escalated prompt), ``--screen-steps`` the latent-update signal;
+  other rules' share and call ratio are
   derived from the same runs (the core's ``decide`` on the run's signals). ``--work DIR`` keeps the runs.
 - ``stage``: the pure stages in this process, no Ray, no Parquet: ``ScreenStage`` seeds/s vs
   ``GenerateStage`` images/s (PNGs included) on the testbed, so the end-to-end overheads show.
@@ -62,6 +63,7 @@ PARTS = ("audit", "stage", "scale", "roofline")
 SCREEN_SIGNALS = {  # method label -> (prompt_scores column of the two-stage run, sign)
     "screen: noise magnitude (Wen et al., first step)": ("screen_noise_magnitude", 1),
     "screen: alignment (Asthana & Belagiannis, low noise)": ("screen_alignment", 1),
+    "screen: latent update (Huang et al., screen.steps)": ("screen_latent_update", 1),
     "screen: screen_score (mean robust z)": ("screen_score", 1),
 }
 TWO_STAGE = "two-stage audit: flag test (-log p-value)"
@@ -130,6 +132,7 @@ def run_testbed(work: Path, testbed: str, captions: list[str], args: argparse.Na
     base = _overrides(work, testbed, prompts, args.samples, args.steps)
     full_cfg = load_config(None, base)
     rounds = [f"generation.max_samples_per_prompt={args.max_samples}"] if args.max_samples else []
+    rounds += [f"screen.steps={args.screen_steps}"] if args.screen_steps else []
     two_cfg = load_config(None, base + _screen_overrides(args.seeds, args.threshold, args.top) + rounds)
     # not timed: a built-in reference is built and calibrated on first use (the maps one is not shipped built)
     audit_thresholds(full_cfg, prepare_reference(f"builtin:{testbed}"), model_id_of(full_cfg.embedding))
@@ -188,6 +191,8 @@ def evaluate(runs: dict[str, Any], truth: dict[str, tuple[str, int]], memorized_
         methods[name] = {"auc": roc_auc(a, b), "tpr@1%fpr": tpr_at_fpr(a, b)}
 
     for name, (column, sign) in SCREEN_SIGNALS.items():
+        if column == "screen_latent_update" and all(two[p].get(column) is None for p in ids):
+            continue  # screen.steps 1: not measured
         add(name, lambda p, c=column, s=sign: _value(two[p], c, s))
     add(TWO_STAGE, lambda p: _evidence(two[p]))
     add(FULL, lambda p: _evidence(full[p]))
@@ -259,9 +264,11 @@ def sweep(ids: list[str], two: dict[str, dict[str, Any]], full: dict[str, dict[s
                       for p in ids], np.float64)
     align = np.array([np.nan if two[p]["screen_alignment"] is None else two[p]["screen_alignment"] for p in ids],
                      np.float64)
+    update = np.array([np.nan if two[p].get("screen_latent_update") is None else two[p]["screen_latent_update"]
+                       for p in ids], np.float64)
     out = []
     for threshold, top in [used] + [rule for rule in SWEEP if rule != used]:
-        table = decide(ids, noise, align, threshold, top)
+        table = decide(ids, noise, align, threshold, top, update)
         chosen = {p for p, up in zip(table.column("prompt_id").to_pylist(), table.column("escalated").to_pylist())
                   if up}
         out.append({"threshold": threshold, "top": top, "escalated": len(chosen), "configured": (threshold, top) == used,
@@ -549,6 +556,8 @@ def main() -> None:
                         help="screen-only runs at these screen.seeds too, for the throughput table")
     parser.add_argument("--threshold", default=None, help="screen.threshold (a number, or null; default 2.0)")
     parser.add_argument("--top", default=None, help="screen.top: a count (10) or a fraction (0.25); default none")
+    parser.add_argument("--screen-steps", type=int, default=None,
+                        help="screen.steps of the two-stage audit (> 1: Huang et al.'s latent updates join the score)")
     parser.add_argument("--max-samples", type=int, default=None,
                         help="two-stage audit: adaptive rounds up to this many samples per escalated prompt "
                              "(generation.max_samples_per_prompt; default: one round)")

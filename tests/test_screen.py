@@ -51,9 +51,13 @@ def test_screen_score_is_the_mean_of_the_oriented_z_scores() -> None:
     rng = np.random.default_rng(0)
     noise, align = rng.lognormal(0, 0.2, 50), rng.normal(0, 0.01, 50)
     noise[7], align[7] = noise.max() * 3, align.max() + 0.1
-    score, z_noise, z_align = screen_scores(noise, align)
-    assert np.allclose(score, (z_noise + z_align) / 2)
+    score, z_noise, z_align, z_update = screen_scores(noise, align)
+    assert np.allclose(score, (z_noise + z_align) / 2) and np.isnan(z_update).all()
     assert int(np.argmax(score)) == 7
+    update = rng.lognormal(0, 0.1, 50)
+    update[7] = update.max() * 2
+    score, z_noise, z_align, z_update = screen_scores(noise, align, update)  # screen.steps > 1: a third signal
+    assert np.allclose(score, (z_noise + z_align + z_update) / 3) and z_update[7] == z_update.max()
 
 
 def _ids(n: int) -> list[str]:
@@ -132,6 +136,13 @@ def test_cli_refuses_a_screen_without_guidance_before_any_work(tmp_path: Path, t
     assert not (tmp_path / "runs").exists()
 
 
+def test_more_screen_steps_than_sampler_steps_are_refused() -> None:
+    cfg = load_config(None, ["screen.steps=30", "generation.steps=20"])
+    assert cfg.screen is not None
+    with pytest.raises(InputError, match=r"screen.steps \(30\) is more than generation.steps \(20\)"):
+        check_screen(cfg.screen, FAMILIES["StableDiffusionPipeline"], cfg.generation, 10)
+
+
 def test_top_above_the_prompt_count_warns(caplog: pytest.LogCaptureFixture) -> None:
     screen = load_config(None, ["screen.top=500"]).screen
     assert screen is not None
@@ -180,3 +191,21 @@ def test_each_round_decides_by_the_documented_rule(row: dict, decision: str) -> 
 def test_max_samples_below_the_first_round_is_refused() -> None:
     with pytest.raises(ConfigError, match="max_samples_per_prompt .* is below samples_per_prompt"):
         load_config(None, ["generation.max_samples_per_prompt=2"])
+
+
+def test_more_screen_steps_keep_the_first_steps_signals(tiny_checkpoint: Path) -> None:
+    """screen.steps > 1 lets the sampler go on for the latent updates: the first informative
+    call's magnitude and alignment stay what they are with one step, read once."""
+    from audit import ids
+    from audit.screen.screen_step import ScreenStage
+
+    prompts = ["a red car", "a blue boat", "a green tree"]
+    batch = {"prompt_id": np.array([ids.prompt_id(p) for p in prompts], object), "prompt": np.array(prompts, object),
+             "seed": np.array([1, 2, 3], np.int64)}
+    one, three = (ScreenStage(load_config(None, [f"model.path={tiny_checkpoint}", "generation.steps=4",
+                                                 "compute.batch_size=4", f"screen.steps={k}"]), "cpu", "float32")
+                  for k in (1, 3))
+    a, b = one(batch), three(batch)
+    assert np.array_equal(a["noise_magnitude"], b["noise_magnitude"]) and np.array_equal(a["alignment"], b["alignment"])
+    assert np.isnan(a["latent_update"]).all() and (b["latent_update"] > 0).all()
+    assert (one.denoiser_calls, three.denoiser_calls) == (2, 4)  # + 2 sampler steps' calls, no second low-noise call

@@ -117,10 +117,17 @@ def test_most_duplicated_captions_are_screened_most_duplicated_first(screened: d
     reference = builtin_reference_folder("builtin:testbed")  # built by the module's run
     cfg = load_config(None, [f"run.root={screened['root'] / 'dups'}", f"prompts.source={reference}",
                              "prompts.format=most_duplicated", "prompts.limit=24", "screen.seeds=4",
-                             "screen.top=8"])
+                             "screen.top=8", "screen.steps=3"])
     result = run_screen(cfg)
     assert result.escalation is not None and result.escalation["escalated"] == 8
     table = pq.read_table(result.run_path / "escalation" / "escalation.parquet").to_pylist()
+    # screen.steps 3: Huang et al.'s latent updates over 3 sampler steps join the score as a third z
+    for row in table:
+        assert row["latent_update"] > 0
+        assert row["screen_score"] == pytest.approx(
+            (row["z_noise_magnitude"] + row["z_alignment"] + row["z_latent_update"]) / 3, abs=1e-5)
+    screen = pq.read_table(result.run_path / "screen").to_pylist()
+    assert all(len(r["latent_update_seeds"]) == 4 for r in screen)
     truth = _truth()
     duplicates = [truth[r["prompt_id"]][1] for r in table]
     assert duplicates == sorted(duplicates, reverse=True)  # the plan's order: most duplicated first

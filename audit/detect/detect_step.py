@@ -243,7 +243,8 @@ def screened_rows(audited: list[dict[str, Any]], screened: list[dict[str, Any]],
     out = []
     for entry in screened:
         screen = {"screen_score": entry["screen_score"], "screen_noise_magnitude": entry["noise_magnitude"],
-                  "screen_alignment": entry["alignment"], "escalated": entry["escalated"],
+                  "screen_alignment": entry["alignment"], "screen_latent_update": entry["latent_update"],
+                  "escalated": entry["escalated"],
                   "escalation": entry["escalation"]}
         row = by_id.get(entry["prompt_id"])
         if row is None:

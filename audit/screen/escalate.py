@@ -3,9 +3,10 @@ full audit (pure numpy; docs/screening.md, "Score" and "Escalation").
 
 Each signal is put on one scale, a robust z-score against the run's own screened prompts,
 ``(x − median) / (1.4826 · MAD)`` (1.4826 makes the MAD a standard deviation for normal data), the
-noise magnitude on a log scale (a norm: positive, right-skewed). ``screen_score`` is the mean of
-the two z-scores, both oriented so that larger means more memorization-like as the papers found
-(Wen et al.: larger magnitude; Asthana & Belagiannis: stronger alignment). Nothing is fitted to
+noise magnitude (and the latent update, when measured) on a log scale (norms: positive,
+right-skewed). ``screen_score`` is the mean of the z-scores, all oriented so that larger means
+more memorization-like as the papers found (Wen et al.: larger magnitude; Asthana & Belagiannis:
+stronger alignment; Huang et al.: larger early updates). Nothing is fitted to
 labels: the median and MAD assume only that most of a run's prompts are not memorized, which is
 what every published audit found (Carlini et al.: 109 of 350,000 captions).
 
@@ -42,12 +43,21 @@ def robust_z(values: np.ndarray) -> np.ndarray:
     return (values.astype(np.float64) - median) / spread
 
 
-def screen_scores(noise_magnitude: np.ndarray, alignment: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(screen_score, z of the log noise magnitude, z of the alignment), NaN where unmeasured."""
+def _log(values: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
-        log_noise = np.where(noise_magnitude > 0, np.log(noise_magnitude.astype(np.float64)), np.nan)
-    z_noise, z_align = robust_z(log_noise), robust_z(alignment.astype(np.float64))
-    return (z_noise + z_align) / 2.0, z_noise, z_align
+        return np.where(values > 0, np.log(values.astype(np.float64)), np.nan)
+
+
+def screen_scores(noise_magnitude: np.ndarray, alignment: np.ndarray,
+                  latent_update: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """(screen_score, z of the log noise magnitude, z of the alignment, z of the log latent update),
+    NaN where unmeasured. The latent update joins the mean only when it was measured
+    (``screen.steps`` > 1); its z is all NaN otherwise."""
+    z_noise, z_align = robust_z(_log(noise_magnitude)), robust_z(alignment.astype(np.float64))
+    if latent_update is None or not np.isfinite(latent_update).any():
+        return (z_noise + z_align) / 2.0, z_noise, z_align, np.full(len(z_noise), np.nan)
+    z_update = robust_z(_log(latent_update))
+    return (z_noise + z_align + z_update) / 3.0, z_noise, z_align, z_update
 
 
 def top_count(top: int | float | None, n: int) -> int:
@@ -60,11 +70,12 @@ def top_count(top: int | float | None, n: int) -> int:
 
 
 def decide(prompt_ids: list[str], noise_magnitude: np.ndarray, alignment: np.ndarray, threshold: float | None,
-           top: int | float | None) -> pa.Table:
+           top: int | float | None, latent_update: np.ndarray | None = None) -> pa.Table:
     """The escalation table (schema :data:`audit.schema.ESCALATION`), in ``prompt_ids`` order.
     Ranks order by score, highest first, ties and unmeasured prompts by prompt id (deterministic)."""
     n = len(prompt_ids)
-    score, z_noise, z_align = screen_scores(noise_magnitude, alignment)
+    update = np.full(n, np.nan) if latent_update is None else latent_update
+    score, z_noise, z_align, z_update = screen_scores(noise_magnitude, alignment, update)
     measured = np.isfinite(score)
     keys = sorted(range(n), key=lambda i: (not measured[i], -score[i] if measured[i] else 0.0, prompt_ids[i]))
     rank = np.empty(n, np.int64)
@@ -86,7 +97,8 @@ def decide(prompt_ids: list[str], noise_magnitude: np.ndarray, alignment: np.nda
     as32 = lambda a: [None if not np.isfinite(v) else float(v) for v in a]  # noqa: E731
     return pa.Table.from_pydict({
         "prompt_id": list(prompt_ids), "noise_magnitude": as32(noise_magnitude), "alignment": as32(alignment),
-        "z_noise_magnitude": as32(z_noise), "z_alignment": as32(z_align), "screen_score": as32(score),
+        "z_noise_magnitude": as32(z_noise), "z_alignment": as32(z_align), "latent_update": as32(update),
+        "z_latent_update": as32(z_update), "screen_score": as32(score),
         "rank": rank, "escalated": [r is not None for r in reasons], "escalation": reasons,
     }, schema=ESCALATION)
 

@@ -5,11 +5,14 @@ The pipeline runs its own ``__call__`` (text encoding, initial noise from each r
 its scheduler's timesteps, family-specific denoiser arguments), and a forward hook on the denoiser
 reads the first informative call's ``[uncond, cond]`` predictions, makes one more call with the
 same arguments on the first call's pure-noise input at a low-noise timestep, and then stops the
-pipeline by raising :class:`ScreenDone`: no further step, no VAE decode.
+pipeline by raising :class:`ScreenDone`: no further step, no VAE decode. With ``steps`` > 1 the
+pipeline goes on for that many sampler steps, the scheduler's ``step`` wrapped to read each
+update's norm, and stops after the last one.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -33,15 +36,17 @@ def _with_timestep(args: tuple[Any, ...], kwargs: dict[str, Any], value: float) 
 
 
 class ScreenProbe:
-    """Context manager: hooks ``denoiser`` for one pipeline call of ``batch_size`` rows and keeps
-    per-row ``noise_magnitude`` and ``alignment`` (float64 tensors) once read."""
+    """Context manager: hooks ``denoiser`` (and with ``steps`` > 1 the scheduler's ``step``) for one
+    pipeline call of ``batch_size`` rows and keeps per-row ``noise_magnitude``, ``alignment`` and
+    ``latent_update`` (float64 tensors) once read."""
 
     def __init__(self, denoiser: torch.nn.Module, scheduler: Any, batch_size: int,
-                 conversion: EpsilonConversion, timestep_scale: float) -> None:
+                 conversion: EpsilonConversion, timestep_scale: float, steps: int = 1) -> None:
         self.denoiser, self.scheduler, self.batch_size = denoiser, scheduler, batch_size
-        self.conversion, self.timestep_scale = conversion, timestep_scale
+        self.conversion, self.timestep_scale, self.steps = conversion, timestep_scale, steps
         self.noise_magnitude: torch.Tensor | None = None
         self.alignment: torch.Tensor | None = None
+        self.updates: list[torch.Tensor] = []
         self.denoiser_calls = 0
         self._first: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._handle: Any = None
@@ -51,6 +56,8 @@ class ScreenProbe:
         if self._inside:
             return
         self.denoiser_calls += 1
+        if self.alignment is not None:
+            return  # read already; the pipeline only goes on for the latent updates (screen.steps > 1)
         if self._first is None:
             self._first = (args, kwargs)  # the initial noise x_T (scaled for the denoiser)
         sample, timestep = denoiser_inputs(args, kwargs)
@@ -79,10 +86,30 @@ class ScreenProbe:
         x_low_uncond, x_low_cond = pure.chunk(2)
         self.alignment = signals.alignment(self.conversion(low_uncond, x_low_uncond, low),
                                            self.conversion(low_cond, x_low_cond, low))
-        raise ScreenDone
+        if self.steps <= len(self.updates) or self.steps == 1:
+            raise ScreenDone
+
+    @property
+    def latent_update(self) -> torch.Tensor | None:
+        """Per-row mean update norm over the first ``steps`` sampler steps (None with 1 step)."""
+        if self.steps == 1 or len(self.updates) < self.steps:
+            return None
+        return torch.stack(self.updates[: self.steps]).mean(dim=0)
+
+    def _step(self, original: Any, *args: Any, **kwargs: Any) -> Any:
+        sample = kwargs.get("sample", args[2] if len(args) > 2 else None)
+        out = original(*args, **kwargs)
+        after = out[0] if isinstance(out, tuple) else out.prev_sample
+        if sample is not None and len(self.updates) < self.steps:
+            self.updates.append(signals.update_norm(sample, after))
+        if len(self.updates) >= self.steps and self.alignment is not None:
+            raise ScreenDone
+        return out
 
     def __enter__(self) -> ScreenProbe:
         self._handle = self.denoiser.register_forward_hook(self._hook, with_kwargs=True)
+        if self.steps > 1:  # an instance attribute shadows the class's step for this call only
+            self.scheduler.step = partial(self._step, type(self.scheduler).step.__get__(self.scheduler))
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -90,3 +117,4 @@ class ScreenProbe:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        self.scheduler.__dict__.pop("step", None)

@@ -35,6 +35,9 @@ def check_screen(screen: ScreenSection, family: Family, generation: GenerationSe
         raise InputError(f"screen: generation.guidance_scale is {generation.guidance_scale}, so the pipeline makes no "
                          "unconditional prediction for the screen to compare; set generation.guidance_scale > 1 "
                          "or remove the screen section")
+    if screen.steps > generation.steps:
+        raise InputError(f"screen.steps ({screen.steps}) is more than generation.steps ({generation.steps}); the "
+                         "screen reads the first screen.steps sampler steps: lower it")
     if isinstance(screen.top, int) and screen.top > n_prompts:
         log.warning("screen.top is %d but the run has %d prompts: every prompt is escalated", screen.top, n_prompts)
 
@@ -54,17 +57,18 @@ def write_escalation(store: RunStore, cfg: AuditConfig, plan: PromptPlan) -> pa.
     shard must be complete."""
     assert cfg.screen is not None
     shards = screen_plan(plan, cfg.screen)
-    signals: dict[str, tuple[float, float]] = {}
+    columns = ["noise_magnitude", "alignment", "latent_update"]
+    signals: dict[str, tuple[float, ...]] = {}
+    unmeasured = (np.nan,) * len(columns)
     for shard in shards:
-        table = pq.read_table(store.readable(layout.SCREEN, shard.name),
-                              columns=["prompt_id", "noise_magnitude", "alignment", "status"]).to_pydict()
-        for pid, noise, align, status in zip(table["prompt_id"], table["noise_magnitude"], table["alignment"],
-                                             table["status"]):
-            ok = status == STATUS_OK and noise is not None and align is not None
-            signals[pid] = (float(noise), float(align)) if ok else (np.nan, np.nan)
+        table = pq.read_table(store.readable(layout.SCREEN, shard.name), columns=["prompt_id", "status", *columns])
+        for row in table.to_pylist():
+            ok = row["status"] == STATUS_OK and row["noise_magnitude"] is not None and row["alignment"] is not None
+            signals[row["prompt_id"]] = tuple(np.nan if row[c] is None else float(row[c]) for c in columns) \
+                if ok else unmeasured
     order = plan.table.column("prompt_id").to_pylist()
-    values = np.array([signals.get(pid, (np.nan, np.nan)) for pid in order], np.float64).reshape(-1, 2)
-    decided = decide(order, values[:, 0], values[:, 1], cfg.screen.threshold, cfg.screen.top)
+    values = np.array([signals.get(pid, unmeasured) for pid in order], np.float64).reshape(-1, len(columns))
+    decided = decide(order, values[:, 0], values[:, 1], cfg.screen.threshold, cfg.screen.top, values[:, 2])
     path = store.path / layout.escalation_file()
     if not path.exists() or not pq.read_table(path).cast(ESCALATION).equals(decided):
         store.write_table(layout.ESCALATION, layout.ESCALATION_FILE, decided)

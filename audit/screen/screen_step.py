@@ -44,8 +44,9 @@ class ScreenStage:
         gen = self.generation
         n = len(batch["seed"])
         arguments = gen.call_arguments(batch, "latent")
+        assert self.cfg.screen is not None
         probe = ScreenProbe(gen.denoiser, gen.pipe.scheduler, len(arguments["generator"]), gen.conversion,
-                            gen.family.timestep_scale)
+                            gen.family.timestep_scale, self.cfg.screen.steps)
         error = None
         try:
             with torch.inference_mode(), probe:
@@ -57,13 +58,17 @@ class ScreenStage:
             log.exception("screening failed for a batch of %d rows", n)
             error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         self.denoiser_calls += probe.denoiser_calls
+        update = probe.latent_update
+        if error is None and (update is None) != (self.cfg.screen.steps == 1):
+            error = f"the pipeline stopped before {self.cfg.screen.steps} steps (screen.steps > generation.steps?)"
+        nan = np.full(n, np.nan, np.float32)
         if error is not None or probe.noise_magnitude is None or probe.alignment is None:
-            nan = np.full(n, np.nan, np.float32)
             return {"prompt_id": batch["prompt_id"], "noise_magnitude": nan, "alignment": nan.copy(),
-                    "error": np.array([error] * n, dtype=object)}
+                    "latent_update": nan.copy(), "error": np.array([error] * n, dtype=object)}
         return {"prompt_id": batch["prompt_id"],
                 "noise_magnitude": probe.noise_magnitude[:n].cpu().numpy().astype(np.float32),
                 "alignment": probe.alignment[:n].cpu().numpy().astype(np.float32),
+                "latent_update": nan if update is None else update[:n].cpu().numpy().astype(np.float32),
                 "error": np.array([None] * n, dtype=object)}
 
 
@@ -72,6 +77,7 @@ def _per_prompt(order: list[str], seeds: int, parts: list[Batch]) -> dict[str, l
     pids = np.concatenate([p["prompt_id"] for p in parts])
     noise = np.concatenate([p["noise_magnitude"] for p in parts])
     align = np.concatenate([p["alignment"] for p in parts])
+    update = np.concatenate([p["latent_update"] for p in parts])
     errors = np.concatenate([p["error"] for p in parts])
     out: dict[str, list[Any]] = {name: [] for name in SCREEN.names}
     for k, prompt_id in enumerate(order):
@@ -82,6 +88,9 @@ def _per_prompt(order: list[str], seeds: int, parts: list[Batch]) -> dict[str, l
         out["n_seeds"].append(seeds)
         out["noise_magnitude_seeds"].append([float(v) for v in noise[rows]])
         out["alignment_seeds"].append([float(v) for v in align[rows]])
+        measured = not failed and bool(np.isfinite(update[rows]).all())
+        out["latent_update_seeds"].append([float(v) for v in update[rows]] if measured else None)
+        out["latent_update"].append(float(np.mean(update[rows], dtype=np.float64)) if measured else None)
         out["noise_magnitude"].append(None if failed else float(np.mean(noise[rows], dtype=np.float64)))
         out["alignment"].append(None if failed else float(np.mean(align[rows], dtype=np.float64)))
         out["status"].append(STATUS_ERROR if failed else STATUS_OK)

@@ -9,6 +9,9 @@
   prediction ε(x_T, ∅) and the guidance vector ε(x_T, c) − ε(x_T, ∅), taken over channels at
   every latent position and averaged over positions, with both predictions made on the same pure
   noise x_T at a low-noise timestep (the schedule's third-to-last, as in their reference code).
+- ``latent_update`` (with ``screen.steps`` > 1): Huang et al. (KDD 2026), the norm of the update
+  the sampler makes to the latents, ``||x_{t_{j+1}} − x_{t_j}||₂``, averaged over the first
+  ``screen.steps`` steps (memorized prompts make larger early updates).
 """
 
 from __future__ import annotations
@@ -28,3 +31,8 @@ def alignment(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
     dim = 1 if uncond.ndim == 4 else -1
     cosine = torch.nn.functional.cosine_similarity(uncond, cond - uncond, dim=dim, eps=1e-12)
     return cosine.flatten(1).mean(dim=1)
+
+
+def update_norm(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """Per-sample L2 norm of one sampler step's change to the latents."""
+    return (after.double() - before.double()).flatten(1).norm(dim=1)
