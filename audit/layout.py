@@ -59,6 +59,11 @@ def escalation_file() -> str:
     return f"{ESCALATION}/{ESCALATION_FILE}"
 
 
+def round_file_name(round_index: int) -> str:
+    """The file in ``rounds/`` holding the decisions taken after one round of an adaptive run."""
+    return f"round-{round_index}.parquet"
+
+
 def round_file(round_index: int) -> str:
-    """The decisions taken after one round of an adaptive run, relative to the run folder."""
-    return f"{ROUNDS}/round-{round_index}.parquet"
+    """The same, relative to the run folder."""
+    return f"{ROUNDS}/{round_file_name(round_index)}"

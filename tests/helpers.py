@@ -151,3 +151,33 @@ def s3(env: dict[str, str]) -> Any:
 
     return s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
                              endpoint_url=env["AWS_ENDPOINT_URL"], skip_instance_cache=True)
+
+
+def wait_for_marker(root: Path, proc: subprocess.Popen, table: str = "samples", timeout: float = 240) -> list[Path]:
+    """The first completion markers of ``table`` under the run root ``root`` while ``proc`` runs."""
+    import time
+
+    markers: list[Path] = []
+    deadline = time.time() + timeout
+    while time.time() < deadline and not markers and proc.poll() is None:
+        markers = list(root.glob(f"*/*/*/{table}/_markers/*.json"))
+        time.sleep(0.05)
+    return markers
+
+
+def kill_step_workers_mid_run(argv: list[str], root: Path, table: str) -> tuple[list[Path], int, int, str]:
+    """``memaudit ARGV`` in a subprocess; once its first ``table`` shard is published, SIGKILL every
+    step worker (they are working on the next shards). Returns (the markers seen, workers killed,
+    the command's exit code, its output)."""
+    import sys
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "audit.cli", "-q", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    markers = wait_for_marker(root, proc, table)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::StepWorker" in " ".join(p.info["cmdline"] or [])]
+    for worker in workers if markers else []:
+        worker.kill()
+    output = proc.communicate(timeout=300)[0].decode(errors="replace")
+    return markers, len(workers), proc.returncode, output

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import duckdb
@@ -20,7 +19,16 @@ import pytest
 
 from audit.cli import main
 from audit.store import RunStore
-from helpers import PROMPTS, fill, payload, read_only_view, small_disk, write_config
+from helpers import (
+    PROMPTS,
+    fill,
+    kill_step_workers_mid_run,
+    payload,
+    read_only_view,
+    small_disk,
+    wait_for_marker,
+    write_config,
+)
 
 SHARDS = ["shard-00000", "shard-00001", "shard-00002", "shard-00003"]
 
@@ -186,31 +194,15 @@ def test_retry_failed_regenerates_only_failed_rows(first_run: dict, tmp_path: Pa
     assert all(after[n] == untouched[n] for n in after if "shard-00001" not in n)
 
 
-def _wait_for_marker(root: Path, proc: subprocess.Popen, timeout: float = 240) -> list[Path]:
-    markers: list[Path] = []
-    deadline = time.time() + timeout
-    while time.time() < deadline and not markers and proc.poll() is None:
-        markers = list(root.glob("*/*/*/samples/_markers/*.json"))
-        time.sleep(0.05)
-    return markers
-
-
 @pytest.mark.slow
 def test_generation_actor_killed_mid_run_is_replaced_and_the_result_is_identical(
         first_run: dict, tiny_checkpoint: Path, tmp_path: Path) -> None:
-    import psutil
-
     cfg = _config(tmp_path, tiny_checkpoint, tmp_path / "prompts.txt", tmp_path / "runs")
-    ray_address = first_run["ray"]
-    proc = subprocess.Popen([sys.executable, "-m", "audit.cli", "-q", "run", str(cfg), "--address", ray_address],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    markers = _wait_for_marker(tmp_path / "runs", proc)
-    workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::StepWorker" in " ".join(p.info["cmdline"] or [])]
-    assert markers and workers, proc.communicate()[0].decode(errors="replace")
-    for worker in workers:
-        worker.kill()  # SIGKILL while it generates its next shard
-    output = proc.communicate(timeout=300)[0].decode(errors="replace")
-    assert proc.returncode == 0, output
+    # SIGKILL the generation workers while they generate the next shards
+    markers, workers, code, output = kill_step_workers_mid_run(["run", str(cfg), "--address", first_run["ray"]],
+                                                               tmp_path / "runs", "samples")
+    assert markers and workers, output
+    assert code == 0, output
     assert "retrying" in output, output  # the pool saw the actor die and gave its shard to a new one
     run = markers[0].parents[2]
     assert payload(run) == payload(first_run["run"])  # 0 lost, 0 duplicated, byte-identical
@@ -224,7 +216,7 @@ def test_killed_run_keeps_finished_shards_and_resumes(ray_local: str, tiny_check
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "audit.cli", "-q", "run", str(cfg), "--address", ray_local],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    markers = _wait_for_marker(tmp_path / "runs", proc)
+    markers = wait_for_marker(tmp_path / "runs", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     output = proc.communicate()[0].decode(errors="replace")
     assert markers, f"no shard finished before the deadline:\n{output}"

@@ -5,10 +5,7 @@ covers it."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -17,6 +14,7 @@ import pytest
 from audit.cli import main
 from audit.config import load_config
 from audit.store import RunStore
+from helpers import kill_step_workers_mid_run
 
 # 16 seeds: with 4 the glyph testbed's weakest 32x caption and its strongest held-out one overlap
 # (docs/screening.md, "Figures"); 8 prompts per screen shard so a run has shards to kill between;
@@ -137,23 +135,13 @@ def test_most_duplicated_captions_are_screened_most_duplicated_first(screened: d
 @pytest.mark.slow
 def test_a_screening_actor_killed_mid_run_is_replaced_and_the_screen_is_byte_identical(
         screened: dict, tmp_path: Path) -> None:
-    import psutil
-
     root = tmp_path / "runs"
     args = ["--set", f"run.root={root}"] + [a for s in SETTINGS for a in ("--set", s)]
-    proc = subprocess.Popen([sys.executable, "-m", "audit.cli", "-q", "screen", *args, "--address", screened["ray"]],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.time() + 240
-    markers: list[Path] = []
-    while time.time() < deadline and not markers and proc.poll() is None:
-        markers = list(root.glob("*/*/*/screen/_markers/*.json"))
-        time.sleep(0.05)
-    workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::StepWorker" in " ".join(p.info["cmdline"] or [])]
-    assert markers and workers, proc.communicate()[0].decode(errors="replace")
-    for worker in workers:
-        worker.kill()  # SIGKILL while it screens its next shard
-    output = proc.communicate(timeout=300)[0].decode(errors="replace")
-    assert proc.returncode == 0, output
+    # SIGKILL the screening workers while they screen the next shards
+    markers, workers, code, output = kill_step_workers_mid_run(["screen", *args, "--address", screened["ray"]],
+                                                               root, "screen")
+    assert markers and workers, output
+    assert code == 0, output
     assert "retrying" in output, output
     run = markers[0].parents[2]
     mine, theirs = RunStore(run), RunStore(screened["run"])

@@ -64,7 +64,7 @@ def decide_round(store: RunStore, round_index: int, plan_shards: list[str], acti
         decided = [(pid, rows[pid]["n_samples"], *decide(rows[pid], clean_after)) for pid in sorted(rows)]
         recorded = pa.Table.from_pydict({name: [d[i] for d in decided] for i, name in enumerate(ROUND.names)},
                                         schema=ROUND)
-        store.write_table(layout.ROUNDS, layout.round_file(round_index).split("/", 1)[1], recorded)
+        store.write_table(layout.ROUNDS, layout.round_file_name(round_index), recorded)
     return {pid for pid, decision in zip(recorded.column("prompt_id").to_pylist(),
                                           recorded.column("decision").to_pylist()) if decision == CONTINUE}
 

@@ -8,7 +8,6 @@ and hands the shards that are not complete yet to pools of step workers (:mod:`a
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,10 @@ from audit.errors import InputError
 from audit.generate.loading import resolve_numerics
 from audit.generate.generate_step import EMBEDDED_WHILE_GENERATING, GenerateStep
 from audit.pipeline.detection import detect, join_neighbors
+from audit.pipeline.model_workers import run_on_model_workers
 from audit.pipeline.pool import WorkerPool, run_tasks
 from audit.pipeline.reference import audit_thresholds, prepare_reference
-from audit.pipeline.ray_setup import cpu_actor_resources, embedding_placement, ray_session
+from audit.pipeline.ray_setup import embedding_placement, ray_session
 from audit.pipeline.screening import screen_prompts
 from audit.plan import ShardSpec, keep_prompts, plan_shard_of, round_ends
 from audit.runs import PreparedRun, create_or_resume_run, prepare_run
@@ -103,11 +103,12 @@ def _audit_rounds(store: RunStore, prepared: PreparedRun, device: str, dtype: st
     (docs/screening.md, "Rounds"): each round doubles the samples of the prompts not decided yet.
     Returns the four steps' reports, summed over the rounds run now."""
     cfg = prepared.cfg
-    plan_names = [s.name for s in prepared.plan.shards()]
+    plan_shards = prepared.plan.shards()
+    plan_names = [s.name for s in plan_shards]
     ends = round_ends(cfg.generation.samples_per_prompt, cfg.generation.max_samples_per_prompt)
     parts = {s.name: [s.name] for s in shards}
     sizes = {s.name: len(s.prompt_ids) * ends[0] for s in shards}
-    screen_only = screen_rows(prepared.plan.shards(), decided) if decided is not None else None
+    screen_only = screen_rows(plan_shards, decided) if decided is not None else None
     digest = escalation_digest(decided) if decided is not None else None
     reports = [StepReport(), StepReport(), None, StepReport()]
     specs, active = shards, {p for s in shards for p in s.prompt_ids}
@@ -159,22 +160,6 @@ def _check_reference(cfg: AuditConfig, model_id: str) -> None:
                          f"section gives {model_id}; use the index's model or re-embed the reference")
 
 
-def worker_resources(cfg: AuditConfig, device: str, n_workers: int) -> dict[str, float]:
-    if device.startswith("cuda"):
-        cpus = 1 if cfg.compute.cpus_per_worker == "auto" else cfg.compute.cpus_per_worker
-        return {"num_gpus": cfg.compute.gpus_per_worker, "num_cpus": cpus}
-    return cpu_actor_resources(cfg.compute.cpus_per_worker, n_workers)
-
-
-def worker_count(cfg: AuditConfig, device: str, n_todo: int) -> int:
-    if cfg.compute.num_workers != "auto":
-        return min(int(cfg.compute.num_workers), n_todo)
-    if device.startswith("cuda"):
-        gpus = ray.cluster_resources().get("GPU", 1)
-        return max(1, min(n_todo, int(gpus // cfg.compute.gpus_per_worker)))
-    return 1
-
-
 def _generation_tasks(store: RunStore, shards: list[ShardSpec], retry_failed: bool,
                       per_prompt: int) -> list[ShardTask]:
     """Missing shards, and with ``retry_failed`` complete shards holding failed rows."""
@@ -202,23 +187,16 @@ def generate_samples(
     whose embeddings the workers wrote too. ``shards``: the samples shards to make (default:
     every plan shard; a screened run passes its escalated prompts' shards)."""
     cfg = prepared.cfg
-    started = time.time()
     shards = prepared.plan.shards() if shards is None else shards
     todo = _generation_tasks(store, shards, retry_failed, cfg.generation.samples_per_prompt)
     if not todo:
         log.info("samples: all %d shards complete; nothing to generate", len(shards))
         return StepReport(shards_total=len(shards), shards_skipped=len(shards))
-    n_workers = worker_count(cfg, device, len(todo))
-    resources = worker_resources(cfg, device, n_workers)
-    log.info("samples: %d shards to do, %d complete; %d workers with %s", len(todo), len(shards) - len(todo),
-             n_workers, resources)
     settings = {"cfg": cfg, "run": store.where, "device": device, "dtype": dtype,
                 "embed": embeds_while_generating(cfg, device)}
-    pool = WorkerPool(StepSpec(GenerateStep, settings), resources, "generation")
-    report = run_tasks(pool, n_workers, todo, cfg.compute.max_attempts, "img", "generate")
-    report.shards_total, report.shards_skipped = len(shards), len(shards) - len(todo)
+    report = run_on_model_workers(cfg, device, StepSpec(GenerateStep, settings), todo, len(shards), "samples",
+                                  "generation", "img", "generate")
     report.counts[EMBEDDED_WHILE_GENERATING] = sum(1 for m in report.markers if m.get(EMBEDDED_WHILE_GENERATING))
-    report.seconds = time.time() - started
     return report
 
 

@@ -8,14 +8,13 @@ shard is complete.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from audit import layout
 from audit.config import AuditConfig, ScreenSection
-from audit.pipeline.pool import WorkerPool, run_tasks
+from audit.pipeline.model_workers import run_on_model_workers
 from audit.runs import PreparedRun, create_or_resume_run, prepare_run
 from audit.screen.run_screen import funnel, screen_complete, screen_plan, write_escalation
 from audit.screen.screen_step import ScreenStep
@@ -27,11 +26,8 @@ log = logging.getLogger(__name__)
 
 def screen_prompts(store: RunStore, prepared: PreparedRun, device: str, dtype: str) -> StepReport:
     """Run the screen/ shards that are missing on a pool of screening workers."""
-    from audit.pipeline.audit import worker_count, worker_resources
-
     cfg = prepared.cfg
     assert cfg.screen is not None
-    started = time.time()
     shards = screen_plan(prepared.plan, cfg.screen)
     store.remove_stale_tmp(layout.SCREEN)
     todo = [ShardTask(s.name, s, len(s.prompt_ids) * cfg.screen.seeds) for s in shards
@@ -39,16 +35,9 @@ def screen_prompts(store: RunStore, prepared: PreparedRun, device: str, dtype: s
     if not todo:
         log.info("screen: all %d shards complete", len(shards))
         return StepReport(shards_total=len(shards), shards_skipped=len(shards))
-    n_workers = worker_count(cfg, device, len(todo))
-    resources = worker_resources(cfg, device, n_workers)
-    log.info("screen: %d shards to do, %d complete; %d workers with %s", len(todo), len(shards) - len(todo),
-             n_workers, resources)
     settings = {"cfg": cfg, "run": store.where, "device": device, "dtype": dtype}
-    report = run_tasks(WorkerPool(StepSpec(ScreenStep, settings), resources, "screening"), n_workers, todo,
-                       cfg.compute.max_attempts, "seed", "screen")
-    report.shards_total, report.shards_skipped = len(shards), len(shards) - len(todo)
-    report.seconds = time.time() - started
-    return report
+    return run_on_model_workers(cfg, device, StepSpec(ScreenStep, settings), todo, len(shards), "screen",
+                                "screening", "seed", "screen")
 
 
 def run_screen(cfg: AuditConfig, address: str | None = None, force: bool = False) -> ScreenResult:

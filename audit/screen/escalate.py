@@ -82,6 +82,7 @@ def decide(prompt_ids: list[str], noise_magnitude: np.ndarray, alignment: np.nda
     rank[keys] = np.arange(n)
     reasons: list[str | None] = [None] * n
     few = int(measured.sum()) < MIN_PROMPTS
+    n_top = top_count(top, n)
     for i in range(n):
         parts = []
         if not measured[i]:
@@ -91,7 +92,7 @@ def decide(prompt_ids: list[str], noise_magnitude: np.ndarray, alignment: np.nda
         else:
             if threshold is not None and score[i] >= threshold:
                 parts.append(REASON_THRESHOLD)
-            if rank[i] < top_count(top, n):
+            if rank[i] < n_top:
                 parts.append(REASON_TOP)
         reasons[i] = "+".join(parts) or None
     as32 = lambda a: [None if not np.isfinite(v) else float(v) for v in a]  # noqa: E731

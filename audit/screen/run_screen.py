@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from audit import layout
@@ -17,7 +18,7 @@ from audit.config import AuditConfig, GenerationSection, ScreenSection
 from audit.errors import InputError
 from audit.generate.families import Family
 from audit.plan import PromptPlan, ShardSpec, keep_prompts
-from audit.schema import ESCALATION, STATUS_OK
+from audit.schema import ESCALATION, SCREEN, STATUS_OK
 from audit.screen.escalate import decide, top_count
 from audit.store import RunStore
 
@@ -58,16 +59,18 @@ def write_escalation(store: RunStore, cfg: AuditConfig, plan: PromptPlan) -> pa.
     assert cfg.screen is not None
     shards = screen_plan(plan, cfg.screen)
     columns = ["noise_magnitude", "alignment", "latent_update"]
-    signals: dict[str, tuple[float, ...]] = {}
-    unmeasured = (np.nan,) * len(columns)
-    for shard in shards:
-        table = pq.read_table(store.readable(layout.SCREEN, shard.name), columns=["prompt_id", "status", *columns])
-        for row in table.to_pylist():
-            ok = row["status"] == STATUS_OK and row["noise_magnitude"] is not None and row["alignment"] is not None
-            signals[row["prompt_id"]] = tuple(np.nan if row[c] is None else float(row[c]) for c in columns) \
-                if ok else unmeasured
+    table = pa.concat_tables([pq.read_table(store.readable(layout.SCREEN, shard.name),
+                                            columns=["prompt_id", "status", *columns]) for shard in shards]
+                             or [SCREEN.empty_table().select(["prompt_id", "status", *columns])])
+    # Column by column (a run may screen 10^7 prompts); nulls read as NaN. A prompt is unmeasured
+    # when its screen failed or either first-step signal is missing (the latent update is optional).
+    values = np.stack([table[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in columns], axis=1)
+    failed = pc.not_equal(table["status"], STATUS_OK).to_numpy(zero_copy_only=False)
+    values[failed | np.isnan(values[:, 0]) | np.isnan(values[:, 1])] = np.nan
+    row_of = {pid: i for i, pid in enumerate(table["prompt_id"].to_pylist())}
     order = plan.table.column("prompt_id").to_pylist()
-    values = np.array([signals.get(pid, unmeasured) for pid in order], np.float64).reshape(-1, len(columns))
+    at = np.array([row_of.get(pid, -1) for pid in order], np.int64)
+    values = np.where((at >= 0)[:, None], values[np.maximum(at, 0)], np.nan)
     decided = decide(order, values[:, 0], values[:, 1], cfg.screen.threshold, cfg.screen.top, values[:, 2])
     path = store.path / layout.escalation_file()
     if not path.exists() or not pq.read_table(path).cast(ESCALATION).equals(decided):
