@@ -4,7 +4,8 @@ Exit codes: 0 done; 1 a failure the run could not recover from, e.g. a full or r
 (finished shards are kept, re-run to resume); 2 bad input (one line on stderr says what and
 where); 3 the run finished but some samples have status ``error`` (re-run with
 ``--retry-failed``); 4 a release gate of ``compare`` or ``watch`` failed; 5 ``verify`` found
-problems.
+problems; 6 another driver holds the folder's lease (or took it over from this one), see
+:mod:`audit.lease`.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from typing import Any
 from audit import __version__, layout
 from audit.config import dump_config, load_config
 from audit.errors import MemauditError, StorageError, storage_error
+from audit.lease import LeaseHeld, LeaseLost
 
 log = logging.getLogger("audit")
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_PARTIAL = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_PARTIAL, EXIT_LEASE = 0, 1, 2, 3, 6
+WAIT_HELP = "when another driver is writing the same folder, wait for it and then resume (default: exit 6)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,18 +44,26 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run (or resume) an audit")
     with_config(run)
-    run.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--address", help="Ray cluster to join: host:port, ray://host:port, or auto for the "
+                                       "one `ray start` runs on this machine (default: the config's "
+                                       "compute.address, else $RAY_ADDRESS, else a private local Ray, "
+                                       "even when a cluster runs here)")
     run.add_argument("--retry-failed", action="store_true", help="also redo samples whose status is an error")
     run.add_argument("--no-report", action="store_true", help="skip writing RUN/report/ at the end")
+    run.add_argument("--wait", action="store_true", help=WAIT_HELP)
     run.add_argument("--force", action="store_true",
                      help="a run folder made with other settings is renamed aside (nothing deleted) and started again")
 
     screen = commands.add_parser("screen", help="screen every prompt for a few denoiser calls and decide which go on "
                                                 "to the full audit (docs/screening.md); generates nothing")
     with_config(screen)
-    screen.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    screen.add_argument("--address", help="Ray cluster to join: host:port, ray://host:port, or auto for the "
+                                          "one `ray start` runs on this machine (default: the config's "
+                                          "compute.address, else $RAY_ADDRESS, else a private local Ray, "
+                                          "even when a cluster runs here)")
     screen.add_argument("--force", action="store_true",
                         help="a run folder made with other settings is renamed aside (nothing deleted) and started again")
+    screen.add_argument("--wait", action="store_true", help=WAIT_HELP)
 
     show = commands.add_parser("config", help="validate a config and print it with every default")
     with_config(show)
@@ -136,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StorageError as exc:
         print(f"memaudit: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except (LeaseHeld, LeaseLost) as exc:
+        print(f"memaudit: error: {exc}", file=sys.stderr)
+        return EXIT_LEASE
     except MemauditError as exc:
         print(f"memaudit: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -223,7 +237,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from audit.pipeline import run_audit  # imports Ray and torch: only when running
 
-    result = run_audit(cfg, address=args.address, retry_failed=args.retry_failed, force=args.force)
+    result = run_audit(cfg, address=args.address, retry_failed=args.retry_failed, force=args.force, wait=args.wait,
+                       report=not args.no_report)
     report = result.generation
     print(f"run: {result.location or result.run_path}")
     if result.screen is not None and _print_screen(result.screen, result.escalation) != EXIT_OK:
@@ -251,10 +266,8 @@ def _run(args: argparse.Namespace) -> int:
     flagged, prompts = _flagged(result.run_path)
     print(f"detection: {result.detection.shards_written} shards scored now; "
           f"memorized prompts: {flagged} of {prompts} scored (prompt_scores/, matches/)")
-    if prompts and not args.no_report:
-        from audit.report.build import write_report
-
-        print(f"report: {write_report(result.location or result.run_path)}")
+    if result.report is not None:
+        print(f"report: {result.report}")
     failed = {**report.shards_failed, **{f"embeddings {k}": v for k, v in embedded.shards_failed.items()},
               **{f"detection {k}": v for k, v in result.detection.shards_failed.items()}}
     if failed:
@@ -273,7 +286,7 @@ def _screen(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from audit.pipeline import run_screen  # imports Ray and torch: only when running
 
-    result = run_screen(cfg, address=args.address, force=args.force)
+    result = run_screen(cfg, address=args.address, force=args.force, wait=args.wait)
     print(f"run: {result.location or result.run_path}")
     return _print_screen(result.screen, result.escalation)
 

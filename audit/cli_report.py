@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "report":
         from audit.report.build import write_report
 
+        _note_writer(args.run)
         path = write_report(args.run, gallery_size=args.gallery)
         print(f"report: {path}")
         return 0
@@ -60,11 +61,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _note_writer(run: Location) -> None:
+    """Readers take no lease and never wait for one; they say when a driver is still writing the
+    run (what they read is then the shards complete so far)."""
+    from audit.lease import describe, holder
+
+    record = holder(run)
+    if record is not None:
+        print(f"note: {run} is being written now by {describe(record)}; this reads the shards complete so far",
+              file=sys.stderr)
+
+
 def _verify(args: argparse.Namespace) -> int:
     import json
 
     from audit.reconcile import verify_run
 
+    _note_writer(args.run)
     result = verify_run(args.run)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))

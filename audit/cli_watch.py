@@ -17,7 +17,10 @@ def add_parser(commands: argparse._SubParsersAction, with_config: Callable[[argp
                        help="folder (or object-store prefix) the training job writes diffusers checkpoints to")
     with_config(watch)
     watch.add_argument("--model", help="model=<name> of the runs (default: the folder's name)")
-    watch.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    watch.add_argument("--address", help="Ray cluster to join: host:port, ray://host:port, or auto for the "
+                                         "one `ray start` runs on this machine (default: the config's "
+                                         "compute.address, else $RAY_ADDRESS, else a private local Ray, "
+                                         "even when a cluster runs here)")
     watch.add_argument("--fail-if-new-memorized", action="store_true",
                        help=f"exit {EXIT_GATE_FAILED} if a new checkpoint memorizes a prompt its predecessor did not")
     watch.add_argument("--max-rate-increase", type=float, metavar="DELTA",

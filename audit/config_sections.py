@@ -147,12 +147,17 @@ class GenerationSection(Section):
 class ComputeSection(Section):
     """Where and how fast; none of it changes the pixels."""
 
-    address: str | None = Field(None, description="Ray address to join; default: start a local Ray.")
+    address: str | None = Field(None, description="Ray address to join (host:port, ray://, auto); default: "
+                                 "$RAY_ADDRESS, else a private local Ray.")
     num_workers: int | Literal["auto"] = Field("auto", description="Generation actors; auto: #GPUs or 1.")
     gpus_per_worker: float = Field(1.0, gt=0, description="Used when the cluster has GPUs.")
     cpus_per_worker: int | Literal["auto"] = Field("auto", description="auto: 1 with GPUs, else CPUs/workers.")
     batch_size: int = Field(8, gt=0, description="Images per denoiser forward (CFG doubles it).")
     max_attempts: int = Field(3, gt=0, description="Tries per shard when a worker dies.")
+    lease_ttl_s: float = Field(
+        300.0, gt=0, description="Object-store runs and references: a writer's lease not renewed for this long "
+        "(renewed every tenth of it) is taken over by the next driver (docs/architecture.md, Leases)."
+    )
     embed_with_generation: bool = Field(
         True, description="Generation workers embed each batch on their device as it is generated "
         "(no PNG decode, no second pass); false, or embedding.device naming another device: a separate step after."

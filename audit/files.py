@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 TMP_TAG = ".tmp-"
 MARKERS = "_markers"  # the folder beside a table (or reference) holding its completion markers
+LEASE_FILE = ".memaudit-lease.json"  # the writer's lease on a run or reference folder (audit.lease)
 
 
 def cache_root() -> Path:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -111,6 +111,9 @@ class Location:
         probe = target
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
+        if not probe.is_dir():
+            raise InputError(f"{what} {target}: {probe} is a file, not a folder; point {what} at a folder (or a new "
+                             "path): nothing was written")
         if os.access(probe, os.W_OK | os.X_OK):
             return
         read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
@@ -152,10 +155,11 @@ class Location:
         remote.write(marker.relative_to(self.local).as_posix(), marker_bytes)
 
     @contextmanager
-    def working_copy(self, publish: bool) -> Iterator[Path]:
+    def working_copy(self, publish: bool, check: Callable[[str], None] | None = None) -> Iterator[Path]:
         """A local folder to work in: the path, or the mirror of a URI (pulled first); with
         ``publish``, what was written is pushed back afterwards, also after a failure, so finished
-        work is kept for the next try."""
+        work is kept for the next try; ``check`` (the writer's lease check) is called first and
+        raises when this writer may no longer publish."""
         if self.uri is None:
             yield self.local
             return
@@ -167,5 +171,7 @@ class Location:
             yield self.local
         finally:
             if publish:
+                if check is not None:
+                    check("the files written in the local mirror")
                 pushed = push_tree(self.local, remote, since=before)
                 log.info("%s: published %d files from %s", self.uri, pushed, self.local)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from audit.errors import InputError, StorageError
-from audit.files import MARKERS, atomic_file, write_bytes_atomic
+from audit.files import LEASE_FILE, MARKERS, atomic_file, write_bytes_atomic
 from audit.files import is_temporary as is_temporary_name
 
 log = logging.getLogger(__name__)
@@ -159,8 +159,9 @@ def _publish_order(rel: str) -> tuple[int, str]:
 
 
 def is_temporary(rel: str) -> bool:
-    """A writer's temporary file, or the mirror's own bookkeeping: never published nor fetched."""
-    return is_temporary_name(rel) or rel == PULLED
+    """A writer's temporary file, the mirror's own bookkeeping or a folder's lease (it lives in the
+    store only): never published nor fetched."""
+    return is_temporary_name(rel) or rel == PULLED or rel.rsplit("/", 1)[-1] == LEASE_FILE
 
 
 def pulled_versions(local: Path) -> dict[str, list[Any]]:

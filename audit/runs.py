@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from audit import provenance
@@ -32,6 +33,8 @@ from audit.redact import redact
 from audit.screen.run_screen import check_screen
 from audit import layout
 from audit.location import Location
+from audit.files import LEASE_FILE
+from audit.lease import LeaseCheck
 from audit.store import RunStore, run_location
 
 log = logging.getLogger(__name__)
@@ -84,16 +87,40 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def create_or_resume_run(prepared: PreparedRun, device_type: str, dtype: str, force: bool = False) -> RunStore:
-    """Create the run folder (prompts table, then run.json) or reopen a matching one. A folder
-    made with other settings is refused, or with ``force`` set aside (renamed, never deleted)."""
+@dataclass(frozen=True)
+class RunFolder:
+    """Where a run lives and what makes it that run."""
+
+    where: Location
+    identity: dict[str, Any]
+    digest: str
+    model_name: str
+    checkpoint_id: str
+    run_id: str
+
+
+def run_folder(prepared: PreparedRun, device_type: str, dtype: str) -> RunFolder:
+    """The run folder ``prepared`` resolves to on a cluster of ``device_type`` (the run's id hashes
+    its identity unless ``run.run_id`` names it)."""
     cfg = prepared.cfg
     identity = cfg.result_identity(prepared.checkpoint["sha256"], prepared.plan.sha256, device_type, dtype)
     digest = fingerprint(identity)
     model_name = cfg.run.model_name or prepared.model.default_name
     checkpoint_id = cfg.run.checkpoint_id or prepared.checkpoint["sha256"][:12]
     run_id = cfg.run.run_id or digest[:12]
-    store = RunStore(run_location(cfg.run.root, model_name, checkpoint_id, run_id))
+    where = run_location(cfg.run.root, model_name, checkpoint_id, run_id)
+    return RunFolder(where, identity, digest, model_name, checkpoint_id, run_id)
+
+
+def create_or_resume_run(prepared: PreparedRun, device_type: str, dtype: str, force: bool = False,
+                         lease: LeaseCheck | None = None) -> RunStore:
+    """Create the run folder (prompts table, then run.json) or reopen a matching one. A folder
+    made with other settings is refused, or with ``force`` set aside (its files moved to a renamed
+    sibling, never deleted). ``lease``: the caller's lease on the folder (:mod:`audit.lease`),
+    taken before this first write; every write through the returned store checks it."""
+    folder = run_folder(prepared, device_type, dtype)
+    identity, digest = folder.identity, folder.digest
+    store = RunStore(folder.where, lease)
     Location.of(store.path).check_writable("local mirror of the run" if store.mirror else "run folder")
     store.sync()
     existing = store.read_json()
@@ -106,18 +133,28 @@ def create_or_resume_run(prepared: PreparedRun, device_type: str, dtype: str, fo
             if store.mirror is not None:
                 raise InputError(f"{store.location}: --force cannot set a run aside on an object store (objects "
                                  "cannot be renamed); set another run.run_id instead") from None
-            aside = store.path.with_name(f"{store.path.name}.superseded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
-            store.path.rename(aside)
+            aside = _set_aside(store.path)
             log.warning("--force: the run folder made with other settings is kept as %s; starting it again", aside)
             existing = None
     if not (store.path / layout.prompts_file()).exists():
         store.write_table(layout.PROMPTS, layout.PROMPTS_FILE, prepared.plan.table)
     if existing is None:
-        store.write_json(redact(_run_json(prepared, identity, digest, model_name, checkpoint_id, run_id)))
+        store.write_json(redact(_run_json(prepared, identity, digest, folder.model_name, folder.checkpoint_id,
+                                          folder.run_id)))
         log.info("new run %s", store.location)
     else:
         log.info("resuming run %s", store.location)
     return store
+
+
+def _set_aside(path: Path) -> Path:
+    """Move a run folder's files to a renamed sibling; the lease file stays, still held."""
+    aside = path.with_name(f"{path.name}.superseded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    aside.mkdir()
+    for child in path.iterdir():
+        if child.name != LEASE_FILE:
+            child.rename(aside / child.name)
+    return aside
 
 
 def _check_same_run(store: RunStore, existing: dict[str, Any], identity: dict[str, Any], digest: str) -> None:

@@ -3,8 +3,11 @@
 Rows are buffered into row groups of about ``row_group_bytes``; the file appears under its final
 name only in :meth:`ShardWriter.commit`, after which the completion marker is written (``publish``,
 when given, uploads the file and then the marker to the object store before the local marker is
-written). Leaving the ``with`` block with an exception deletes the temporary file and leaves no
-marker (docs/architecture.md, "Files and markers").
+written). ``guard``, when given, is called right before the file takes its final name: it raises
+when the driver's lease on the run is gone (:mod:`audit.lease`), so nothing is published then; the
+marker records the ``lease`` token the shard was committed under. Leaving the ``with`` block with
+an exception deletes the temporary file and leaves no marker (docs/architecture.md, "Files and
+markers").
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ class ShardWriter:
         compression: dict[str, str] | str,
         row_group_bytes: int = ROW_GROUP_BYTES,
         publish: Publish | None = None,
+        guard: Callable[[], None] | None = None,
+        lease: str | None = None,
     ) -> None:
         self.final, self.marker, self.schema = final, marker, schema
-        self.publish = publish
+        self.publish, self.guard, self.lease = publish, guard, lease
         self.row_group_bytes = row_group_bytes
         final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = temporary_name(final)
@@ -96,11 +101,13 @@ class ShardWriter:
                 os.fsync(handle.fileno())
         size = self.tmp.stat().st_size
         digest = file_sha256(self.tmp)
+        if self.guard is not None:
+            self.guard()  # raises when the lease is lost; __exit__ then drops the temporary file
         os.replace(self.tmp, self.final)
         fsync_dir(self.final.parent)
         marker = marker_fields(self.started_at, shard=self.final.stem, file=self.final.name, rows=self.rows,
                                status_counts=self.status_counts, first_error=self.first_error, bytes=size,
-                               sha256=digest, **extra)
+                               sha256=digest, **({"lease": self.lease} if self.lease else {}), **extra)
         data = encode_marker(marker)
         if self.publish is not None:  # the object store first: a local marker implies a published shard
             self.publish(self.final, self.marker, data)

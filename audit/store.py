@@ -5,6 +5,9 @@
 file on disk has the size the marker recorded; anything else is redone. A derived shard's marker
 records ``inputs`` (the sha256 of the shards it was computed from and the settings that shaped
 it), so a changed input redoes it (docs/architecture.md, "Contracts").
+
+A store opened with a ``lease`` (the check of the driver's lease on the run, :mod:`audit.lease`)
+verifies it before every publication: a shard's commit, a whole-run file, a removed marker.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pyarrow as pa
 
 from audit import layout
 from audit.files import read_marker, remove_stale_temporaries, write_bytes_atomic, write_parquet_atomic
+from audit.lease import LeaseCheck
 from audit.location import Location
 from audit.run_mirror import RunMirror
 from audit.shard_writer import ShardWriter
@@ -33,11 +37,18 @@ def run_location(root: str | Path | Location, model_name: str, checkpoint_id: st
 class RunStore:
     """Paths and atomic I/O inside one run folder (local, or the mirror of an object-store run)."""
 
-    def __init__(self, where: str | Path | Location) -> None:
+    def __init__(self, where: str | Path | Location, lease: LeaseCheck | None = None) -> None:
         self.where = Location.of(where)
         self.path = self.where.local
         self.mirror = RunMirror(self.where) if self.where.is_remote else None
         self.location: str = str(self.where)
+        self.lease = lease
+
+    def guard(self, what: str) -> None:
+        """Refuse to publish ``what`` unless the driver's lease on the run still holds
+        (nothing to check for a reader's store)."""
+        if self.lease is not None:
+            self.lease.verify(what)
 
     @property
     def full_location(self) -> str:
@@ -63,12 +74,14 @@ class RunStore:
         return json.loads(path.read_text()) if path.exists() else None
 
     def write_json(self, obj: dict[str, Any], name: str = layout.RUN_JSON) -> None:
+        self.guard(name)
         write_bytes_atomic(self.path / name, json.dumps(obj, indent=2, sort_keys=False).encode())
         self.publish(self.path / name)
 
     def write_table(self, table_name: str, file_name: str, table: pa.Table) -> Path:
         """Write a whole (small) table file atomically."""
         final = self.table_dir(table_name) / file_name
+        self.guard(f"{table_name}/{file_name}")
         write_parquet_atomic(final, table)
         self.publish(final)
         return final
@@ -110,6 +123,7 @@ class RunStore:
 
     def invalidate(self, table: str, shard: str) -> None:
         """Mark a shard incomplete before it is rewritten (a crash then means 'redo it')."""
+        self.guard(f"{table}/{shard}")
         if self.mirror is not None:
             self.mirror.remove(self.marker_path(table, shard))
         self.marker_path(table, shard).unlink(missing_ok=True)
@@ -118,7 +132,9 @@ class RunStore:
         self, table: str, shard: str, schema: pa.Schema, compression: dict[str, str] | str = "zstd"
     ) -> ShardWriter:
         return ShardWriter(self.shard_path(table, shard), self.marker_path(table, shard), schema, compression,
-                           publish=self.mirror.publish_shard if self.mirror is not None else None)
+                           publish=self.mirror.publish_shard if self.mirror is not None else None,
+                           guard=None if self.lease is None else lambda: self.guard(f"{table}/{shard}"),
+                           lease=None if self.lease is None else self.lease.token)
 
     def sync(self) -> int:
         """Bring in what other nodes published (object-store runs); returns files fetched."""

@@ -25,6 +25,7 @@ from typing import Any
 from audit.config import AuditConfig, load_config
 from audit.errors import InputError
 from audit.files import folder_safe
+from audit.lease import LeaseHeld
 from audit.location import Location
 from audit.watch_state import WatchState, find_adapters, find_checkpoints, run_exists, signature, state_for
 
@@ -94,7 +95,8 @@ def _is_done(state: WatchState, name: str, checkpoint: Location) -> bool:
 
 def _audit_one(state: WatchState, name: str, checkpoint: Location, config: Path | None, overrides: list[str],
                model: str, address: str | None, report: WatchReport) -> None:
-    with state.lock(f"{name}.lock") as mine:
+    ttl_s = load_config(config, overrides).compute.lease_ttl_s
+    with state.lock(f"{name}.lock", ttl_s) as mine:
         if not mine:
             log.info("watch: %s is being audited by another invocation; skipping it", name)
             report.skipped_locked.append(name)
@@ -106,6 +108,10 @@ def _audit_one(state: WatchState, name: str, checkpoint: Location, config: Path 
         log.info("watch: auditing %s (%s)", name, checkpoint)
         try:
             run = _audit(cfg, address)
+        except LeaseHeld as exc:  # its run is being written by another driver (e.g. a manual memaudit run)
+            log.info("watch: %s: %s; skipping it (the next watch finds it done)", name, exc)
+            report.skipped_locked.append(name)
+            return
         except Exception as exc:  # noqa: BLE001 - one bad checkpoint must not stop the others
             log.exception("watch: auditing %s failed", name)
             report.failed[name] = f"{type(exc).__name__}: {exc}"
@@ -116,13 +122,11 @@ def _audit_one(state: WatchState, name: str, checkpoint: Location, config: Path 
 
 def _audit(cfg: AuditConfig, address: str | None) -> str:
     from audit.pipeline import run_audit
-    from audit.report.build import write_report
 
-    result = run_audit(cfg, address=address)
+    result = run_audit(cfg, address=address, report=True, command="memaudit watch")  # the report: under the lease
     failed = {**result.generation.shards_failed, **result.embeddings.shards_failed, **result.detection.shards_failed}
     if failed:
         raise RuntimeError(f"{len(failed)} shards failed (e.g. {next(iter(failed.items()))}); it is retried next time")
-    write_report(result.location)
     return result.location
 
 

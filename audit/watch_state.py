@@ -3,24 +3,18 @@ an object store.
 
 State of a model lives under ``<run.root>/.watch/<model>/``: ``<checkpoint>.json`` once its audit
 finished, ``<checkpoint>.compared.json`` once it was compared with its predecessor, and
-``<checkpoint>.lock`` while an invocation audits it. On a file system the lock is an ``flock``
-(released by the kernel when its holder dies); in a bucket it is an object created with a
-conditional PUT (``If-None-Match: *``), so exactly one invocation gets it; its holder deletes it,
-and one left behind by a holder that died counts as free after ``LOCK_TTL_S`` (a live holder
-renews it).
+``<checkpoint>.lock`` while an invocation audits it. The lock is a lease (:mod:`audit.lease`, the
+mechanism every writer of a folder uses): an ``flock`` on a file system, released by the kernel
+when its holder dies; in a bucket an object created with a conditional PUT, renewed by its
+holder and taken over once not renewed for the TTL.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import re
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,11 +24,11 @@ from audit import layout
 from audit.errors import InputError
 from audit.weight_files import tensor_shapes
 from audit.files import write_bytes_atomic
+from audit.lease import DEFAULT_TTL_S, Lease, LeaseHeld
 from audit.location import Location
 
 log = logging.getLogger(__name__)
 STATE_DIR = ".watch"
-LOCK_TTL_S = 12 * 3600  # an object-store lock older than this is taken to be left by a dead holder
 
 
 def natural_key(text: str) -> list[Any]:
@@ -44,7 +38,7 @@ def natural_key(text: str) -> list[Any]:
 class WatchState(Protocol):
     def read(self, name: str) -> dict[str, Any] | None: ...
     def write(self, name: str, obj: dict[str, Any]) -> None: ...
-    def lock(self, name: str) -> Any: ...  # a context manager yielding True when this invocation holds it
+    def lock(self, name: str, ttl_s: float = DEFAULT_TTL_S) -> Any: ...  # yields True when this invocation holds it
 
 
 def state_for(run_root: str | Path | Location, model: str) -> WatchState:
@@ -63,34 +57,26 @@ class FolderState:
     def write(self, name: str, obj: dict[str, Any]) -> None:
         write_bytes_atomic(self.folder / name, json.dumps(obj, indent=2).encode())
 
-    def lock(self, name: str) -> Any:
-        return try_lock(self.folder / name)
+    def lock(self, name: str, ttl_s: float = DEFAULT_TTL_S) -> Any:
+        return held(Location(self.folder), name, ttl_s)
 
 
 @contextmanager
-def try_lock(path: Path) -> Iterator[bool]:
-    """Hold an exclusive ``flock`` on ``path`` if nobody else does (yields False otherwise)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+def held(where: Location, name: str, ttl_s: float = DEFAULT_TTL_S) -> Iterator[bool]:
+    """Hold the lease ``name`` in ``where`` if no live invocation does (yields False otherwise)."""
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+        lease = Lease(where, "watch lock", name=name, ttl_s=ttl_s, command="memaudit watch").acquire(wait=False)
+    except LeaseHeld:
+        yield False
+        return
+    with lease:
+        yield True
 
 
 class BucketState:
     def __init__(self, where: str | Location) -> None:
-        self.remote = Location.of(where).remote
+        self.where = Location.of(where)
+        self.remote = self.where.remote
 
     def read(self, name: str) -> dict[str, Any] | None:
         data = self.remote.read(name)
@@ -99,41 +85,8 @@ class BucketState:
     def write(self, name: str, obj: dict[str, Any]) -> None:
         self.remote.write(name, json.dumps(obj, indent=2).encode())
 
-    @contextmanager
-    def lock(self, name: str) -> Iterator[bool]:
-        """Hold ``name`` if nobody else does; while held it is renewed every quarter of
-        ``LOCK_TTL_S``, so only a lock whose holder died ever expires."""
-        ttl = LOCK_TTL_S
-        mine = self.remote.create(name, self._holder())
-        if not mine:
-            held = self.read(name) or {}
-            if time.time() - float(held.get("taken_at", time.time())) > ttl:  # its holder died
-                self.remote.remove(name)
-                mine = self.remote.create(name, self._holder())
-        if not mine:
-            yield False
-            return
-        stop = threading.Event()
-
-        def renew() -> None:
-            while not stop.wait(ttl / 4):
-                try:
-                    self.remote.write(name, self._holder())
-                except Exception as exc:  # noqa: BLE001 - a missed renewal is retried next time
-                    log.warning("watch: renewing the lock %s failed: %s", name, exc)
-
-        renewer = threading.Thread(target=renew, name=f"renew {name}", daemon=True)
-        renewer.start()
-        try:
-            yield True
-        finally:
-            stop.set()
-            renewer.join()
-            self.remote.remove(name)
-
-    @staticmethod
-    def _holder() -> bytes:
-        return json.dumps({"host": socket.gethostname(), "process_id": os.getpid(), "taken_at": time.time()}).encode()
+    def lock(self, name: str, ttl_s: float = DEFAULT_TTL_S) -> Any:
+        return held(self.where, name, ttl_s)
 
 
 def find_checkpoints(where: str | Path | Location) -> list[Location]:

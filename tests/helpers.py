@@ -145,6 +145,15 @@ def environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+@contextmanager
+def s3_bucket(name: str) -> Iterator[dict[str, str]]:
+    """A real S3-compatible server holding the bucket ``name``, its endpoint and credentials in
+    ``os.environ`` while open (start it before Ray: workers take the cluster's environment)."""
+    with s3_server() as env, environment(env):
+        s3(env).mkdir(name)
+        yield env
+
+
 def s3(env: dict[str, str]) -> Any:
     """An s3fs client of the test server (for setting up and inspecting buckets)."""
     import s3fs

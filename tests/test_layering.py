@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "audit.progress", "audit.redact", "audit.provenance", "audit.similarity", "audit.batching",
                     "audit.step", "audit.weight_files")),
     ("config and locations", ("audit.config", "audit.config_sections", "audit.remote", "audit.location")),
-    ("run storage", ("audit.store", "audit.run_mirror", "audit.shard_writer")),
+    ("run storage", ("audit.store", "audit.run_mirror", "audit.shard_writer", "audit.lease")),
     ("models and inputs", ("audit.testbed", "audit.testbed.architectures", "audit.testbed.families",
                            "audit.testbed.tokenizer", "audit.testbed.t5_tokenizer",
                            "audit.testbed.checkpoints", "audit.testbed.dataset", "audit.testbed.descriptor",

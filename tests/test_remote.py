@@ -19,7 +19,7 @@ from audit.cli import main
 from audit.errors import StorageError
 from audit.location import Location
 from audit.store import RunStore
-from helpers import PROMPTS, environment, free_port, s3, s3_server, write_config
+from helpers import PROMPTS, free_port, s3, s3_bucket, write_config
 
 BUCKET = "memaudit-test"
 SCHEMA = pa.schema([("sample_id", pa.string()), ("status", pa.string()), ("error", pa.string())])
@@ -27,8 +27,7 @@ SCHEMA = pa.schema([("sample_id", pa.string()), ("status", pa.string()), ("error
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[dict[str, str]]:
-    with s3_server() as env, environment(env):
-        s3(env).mkdir(BUCKET)
+    with s3_bucket(BUCKET) as env:
         yield env
 
 
@@ -256,7 +255,8 @@ def test_compare_two_bucket_runs_publishes_its_page(s3_audit: dict, capsys: pyte
 
 
 def test_a_bucket_lock_is_held_once_and_a_dead_holders_lock_expires(server: dict) -> None:
-    from audit.watch_state import LOCK_TTL_S, BucketState
+    from audit.lease import DEFAULT_TTL_S
+    from audit.watch_state import BucketState
 
     state = BucketState(f"s3://{BUCKET}/locks/model=m")
     with state.lock("step-1.lock") as first:
@@ -266,24 +266,23 @@ def test_a_bucket_lock_is_held_once_and_a_dead_holders_lock_expires(server: dict
         assert again  # released by its holder
     import time
 
-    stale = {"host": "gone", "process_id": 1, "taken_at": time.time() - LOCK_TTL_S - 60}
+    stale = {"token": "gone", "host": "gone", "process_id": 1, "renewed_at": time.time() - DEFAULT_TTL_S - 60}
     s3(server).pipe(f"{BUCKET}/locks/model=m/step-2.lock", json.dumps(stale).encode())
     with state.lock("step-2.lock") as taken:
         assert taken
 
 
-def test_a_live_holder_renews_its_bucket_lock(server: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_live_holder_renews_its_bucket_lock(server: dict) -> None:
     import time
 
     from audit import watch_state
 
-    monkeypatch.setattr(watch_state, "LOCK_TTL_S", 1.0)  # renewed every 0.25 s
     state = watch_state.BucketState(f"s3://{BUCKET}/locks/model=r")
-    with state.lock("step-1.lock") as held:
+    with state.lock("step-1.lock", ttl_s=1.0) as held:  # renewed every 0.1 s
         time.sleep(2.5)  # well past the time to live: without renewal the lock would count as abandoned
-        with state.lock("step-1.lock") as other:
+        with state.lock("step-1.lock", ttl_s=1.0) as other:
             assert held and not other
-    with state.lock("step-1.lock") as again:
+    with state.lock("step-1.lock", ttl_s=1.0) as again:
         assert again
 
 

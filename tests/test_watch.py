@@ -13,7 +13,7 @@ import pytest
 
 from audit.cli import main
 from audit.testbed.architectures import TINY, build_pipeline, save_pipeline
-from audit.watch_state import find_checkpoints, natural_key, try_lock
+from audit.watch_state import FolderState, find_checkpoints, natural_key
 from helpers import PROMPTS, write_config
 
 
@@ -46,10 +46,11 @@ def test_checkpoints_are_found_in_training_order(tmp_path: Path) -> None:
 
 
 def test_a_held_lock_is_not_taken_twice(tmp_path: Path) -> None:
-    with try_lock(tmp_path / "x.lock") as first:
-        with try_lock(tmp_path / "x.lock") as second:
+    state = FolderState(tmp_path)
+    with state.lock("x.lock") as first:
+        with state.lock("x.lock") as second:
             assert first and not second
-    with try_lock(tmp_path / "x.lock") as again:
+    with state.lock("x.lock") as again:
         assert again  # released with its holder
 
 

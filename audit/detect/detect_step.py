@@ -33,6 +33,7 @@ from audit.reference.locate import resolve_reference
 from audit.reference.vectors import VectorStore
 from audit.schema import MATCHES, PROMPT_SCORES, STATUS_ERROR, STATUS_OK
 from audit.similarity import common_size, pairwise_tiled_l2, tile_structure
+from audit.lease import LeaseCheck
 from audit.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,9 @@ class DetectStep:
     ``(shard, inputs)`` writes that shard's ``matches/`` and then its ``prompt_scores/`` (whose
     marker means "detection done for this shard")."""
 
-    def __init__(self, cfg: AuditConfig, run: Location, thresholds: Thresholds, device: str = "cpu"):
-        self.cfg, self.store, self.device, self.thresholds = cfg, RunStore(run), device, thresholds
+    def __init__(self, cfg: AuditConfig, run: Location, thresholds: Thresholds, device: str = "cpu",
+                 lease: LeaseCheck | None = None):
+        self.cfg, self.store, self.device, self.thresholds = cfg, RunStore(run, lease), device, thresholds
         reference = resolve_reference(cfg.reference.path) if cfg.reference.path else None
         self.det = cfg.detection
         prompts = pq.read_table(self.store.readable_file(layout.prompts_file()), columns=["prompt_id", "prompt", "key"])

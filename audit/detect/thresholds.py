@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -145,30 +146,39 @@ def _rate(hits: np.ndarray) -> Rate:
 
 
 def for_audit(det: DetectionSection, ref: ReferenceSection, reference: Path | None, model_id: str | None,
-              publish: Callable[[Path], None] | None = None, owned: bool = False) -> Thresholds:
+              publish: Callable[[Path], None] | None = None, owned: bool = False,
+              hold: Callable[[], AbstractContextManager[object]] | None = None) -> Thresholds:
     """The thresholds of an audit against the prepared ``reference`` folder (None: no reference,
     only cliques apply): its calibration, measured now when it has none and the mode is
     calibrated (``publish`` uploads the written files of an object-store reference). A stale
     calibration is refused, except in a reference memaudit ``owned`` (a built-in one in the
-    cache), which is measured again."""
+    cache), which is measured again. ``hold``: entered only when the calibration is to be written
+    (the reference folder's lease; a read-only reference is never written nor leased)."""
     from audit.reference.calibration import (CALIBRATION_JSON, NULL_FILE, calibrate, calibration_dir, describe,
                                              load_calibration, remove_calibration)
 
     if reference is None:
         return paper(det)
-    try:
-        null = load_calibration(reference, det, model_id)
-    except InputError:
-        if not owned:
-            raise
-        log.info("%s: calibrated for other settings; measuring it again", reference)
-        remove_calibration(reference)
-        null = None
-    if null is None and det.calibration == CALIBRATED:
-        log.info("calibrating %s (no calibration yet)", reference)
-        log.info("calibration: %s", describe(calibrate(reference, det, ref)))
-        if publish is not None:
-            for name in (NULL_FILE, CALIBRATION_JSON):  # the record last: it marks the calibration complete
-                publish(calibration_dir(reference) / name)
-        null = load_calibration(reference, det, model_id)
+
+    def current() -> tuple[Any, bool]:
+        try:
+            found = load_calibration(reference, det, model_id)
+        except InputError:
+            if not owned:
+                raise
+            return None, det.calibration == CALIBRATED
+        return found, found is None and det.calibration == CALIBRATED
+
+    null, to_write = current()
+    if to_write:
+        with hold() if hold is not None else nullcontext():
+            null, to_write = current()  # another writer may have measured it while this one waited
+            if to_write:
+                log.info("calibrating %s (none, or one for other settings)", reference)
+                remove_calibration(reference)
+                log.info("calibration: %s", describe(calibrate(reference, det, ref)))
+                if publish is not None:
+                    for name in (NULL_FILE, CALIBRATION_JSON):  # the record last: it marks the calibration complete
+                        publish(calibration_dir(reference) / name)
+                null = load_calibration(reference, det, model_id)
     return resolve(det, null)

@@ -25,6 +25,7 @@ from audit.embed.embedding import EmbedStage
 from audit.embed.storage import embedding_field, encode_embeddings
 from audit.location import Location
 from audit.schema import STATUS_ERROR, STATUS_OK
+from audit.lease import LeaseCheck
 from audit.store import RunStore
 
 TABLE = layout.EMBEDDINGS
@@ -124,8 +125,8 @@ class EmbedSamplesStep:
     """The sample-embedding step: one embedding model; a task (a shard name) embeds that complete
     samples/ shard from its PNGs (shards not embedded while they were generated)."""
 
-    def __init__(self, cfg: AuditConfig, run: Location, device: str) -> None:
-        self.store = RunStore(run)
+    def __init__(self, cfg: AuditConfig, run: Location, device: str, lease: LeaseCheck | None = None) -> None:
+        self.store = RunStore(run, lease)
         self.stage = EmbedStage(cfg.embedding, device)
 
     def describe(self) -> dict[str, object]:

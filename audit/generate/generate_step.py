@@ -20,6 +20,7 @@ from audit.errors import StorageError, storage_error
 from audit.location import Location
 from audit.plan import ShardSpec
 from audit.schema import SAMPLES, SAMPLES_COMPRESSION, STATUS_OK
+from audit.lease import LeaseCheck
 from audit.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,11 @@ class GenerateStep:
     same device); a task ``(shard, retry_only)`` generates a whole samples/ shard, or with
     ``retry_only`` regenerates its failed rows."""
 
-    def __init__(self, cfg: AuditConfig, run: Location, device: str, dtype: str, embed: bool) -> None:
+    def __init__(self, cfg: AuditConfig, run: Location, device: str, dtype: str, embed: bool,
+                 lease: LeaseCheck | None = None) -> None:
         from audit.generate.sampling import GenerateStage
 
-        self.cfg, self.store = cfg, RunStore(run)
+        self.cfg, self.store = cfg, RunStore(run, lease)
         self.stage = GenerateStage(cfg, device, dtype)
         self.embed = EmbedStage(cfg.embedding, device) if embed else None
 

@@ -8,7 +8,7 @@ and hands the shards that are not complete yet to pools of step workers (:mod:`a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,9 @@ from audit.pipeline.reference import audit_thresholds, prepare_reference
 from audit.pipeline.ray_setup import embedding_placement, ray_session
 from audit.pipeline.screening import screen_prompts
 from audit.plan import ShardSpec, keep_prompts, plan_shard_of, round_ends
-from audit.runs import PreparedRun, create_or_resume_run, prepare_run
+from audit.lease import Lease
+from audit.location import Location
+from audit.runs import PreparedRun, create_or_resume_run, prepare_run, run_folder
 from audit.schema import STATUS_ERROR
 from audit.screen.run_screen import (
     escalated_shards,
@@ -60,12 +62,16 @@ class AuditResult:
     location: str = ""  # the run folder as the user names it: a path or an object-store URI
     screen: StepReport | None = None  # None: the run is not screened
     escalation: dict[str, Any] | None = None  # the screen's funnel (run_screen.funnel); None: not decided
+    report: Location | None = None  # report/index.html when run_audit wrote it
 
 
 def run_audit(cfg: AuditConfig, address: str | None = None, retry_failed: bool = False,
-              force: bool = False) -> AuditResult:
+              force: bool = False, wait: bool = False, report: bool = False,
+              command: str = "memaudit run") -> AuditResult:
     """Generate every planned sample of the run ``cfg`` describes, embed, join and detect,
-    resuming whatever exists."""
+    resuming whatever exists, under the run's lease (:mod:`audit.lease`; another driver holding it
+    raises :class:`audit.lease.LeaseHeld`, or with ``wait`` is waited for). ``report``: also write
+    ``report/`` at the end, under the lease. ``command``: what the lease names its holder as."""
     from audit.embed.models import model_id_of
 
     prepared = prepare_run(cfg)
@@ -73,25 +79,46 @@ def run_audit(cfg: AuditConfig, address: str | None = None, retry_failed: bool =
     if cfg.reference.path:
         _check_reference(cfg, model_id)
     with ray_session(address or cfg.compute.address):
-        reference = prepare_reference(cfg.reference.path) if cfg.reference.path else None
+        # the reference first: a stale calibration is refused before the run folder is touched
+        reference = prepare_reference(cfg.reference.path, cfg.compute.lease_ttl_s) if cfg.reference.path else None
         thresholds = audit_thresholds(cfg, reference, model_id)  # may calibrate the reference: before any work
         device, dtype = resolve_numerics(cfg.model, ray.cluster_resources().get("GPU", 0) > 0)
-        store = create_or_resume_run(prepared, device.split(":")[0], dtype, force)
-        plan_shards = prepared.plan.shards()
-        shards, screened, funnel, decided = plan_shards, None, None, None
-        if cfg.screen is not None:
-            screened = screen_prompts(store, prepared, device, dtype)
-            store.sync()
-            if not screen_complete(store, screen_plan(prepared.plan, cfg.screen)):
-                log.warning("screen: %d shards failed; nothing is escalated until they are done (run again)",
-                            len(screened.shards_failed))
-                return AuditResult(store.path, StepReport(), location=store.location, screen=screened)
-            decided = write_escalation(store, cfg, prepared.plan)
-            funnel = screen_funnel(decided, cfg.screen)
-            log.info("screen: %(escalated)d of %(screened)d prompts escalated to the full audit", funnel)
-            shards = escalated_shards(plan_shards, decided)
-        audited = _audit_rounds(store, prepared, device, dtype, retry_failed, shards, reference, thresholds, decided)
+        folder = run_folder(prepared, device.split(":")[0], dtype)
+        with Lease(folder.where, "run", ttl_s=cfg.compute.lease_ttl_s, command=command).acquire(wait) as lease:
+            store = create_or_resume_run(prepared, device.split(":")[0], dtype, force, lease.check)
+            result = _audit_run(store, prepared, device, dtype, retry_failed, reference, thresholds)
+            if report and _has_scores(store):
+                from audit.report.build import write_report
+
+                lease.ensure()
+                result = replace(result, report=write_report(store.location))
+    return result
+
+
+def _has_scores(store: RunStore) -> bool:
+    folder = store.table_dir(layout.PROMPT_SCORES)
+    return folder.is_dir() and any(folder.glob("*.parquet"))
+
+
+def _audit_run(store: RunStore, prepared: PreparedRun, device: str, dtype: str, retry_failed: bool,
+               reference: Path | None, thresholds: Thresholds) -> AuditResult:
+    """The run's steps in the opened run folder (the screen first when configured)."""
+    cfg = prepared.cfg
+    plan_shards = prepared.plan.shards()
+    shards, screened, funnel, decided = plan_shards, None, None, None
+    if cfg.screen is not None:
+        screened = screen_prompts(store, prepared, device, dtype)
         store.sync()
+        if not screen_complete(store, screen_plan(prepared.plan, cfg.screen)):
+            log.warning("screen: %d shards failed; nothing is escalated until they are done (run again)",
+                        len(screened.shards_failed))
+            return AuditResult(store.path, StepReport(), location=store.location, screen=screened)
+        decided = write_escalation(store, cfg, prepared.plan)
+        funnel = screen_funnel(decided, cfg.screen)
+        log.info("screen: %(escalated)d of %(screened)d prompts escalated to the full audit", funnel)
+        shards = escalated_shards(plan_shards, decided)
+    audited = _audit_rounds(store, prepared, device, dtype, retry_failed, shards, reference, thresholds, decided)
+    store.sync()
     return AuditResult(store.path, *audited, location=store.location, screen=screened, escalation=funnel)
 
 
@@ -192,7 +219,7 @@ def generate_samples(
     if not todo:
         log.info("samples: all %d shards complete; nothing to generate", len(shards))
         return StepReport(shards_total=len(shards), shards_skipped=len(shards))
-    settings = {"cfg": cfg, "run": store.where, "device": device, "dtype": dtype,
+    settings = {"cfg": cfg, "run": store.where, "lease": store.lease, "device": device, "dtype": dtype,
                 "embed": embeds_while_generating(cfg, device)}
     report = run_on_model_workers(cfg, device, StepSpec(GenerateStep, settings), todo, len(shards), "samples",
                                   "generation", "img", "generate")
@@ -222,8 +249,8 @@ def embed_samples(store: RunStore, prepared: PreparedRun, generation: StepReport
     fresh = len((just_now & set(ready)) - set(todo))
     if todo:
         device, resources, n_workers = embedding_placement(cfg.embedding.device, cfg.compute.cpus_per_worker)
-        pool = WorkerPool(StepSpec(EmbedSamplesStep, {"cfg": cfg, "run": store.where, "device": device}), resources,
-                          "embedding")
+        settings = {"cfg": cfg, "run": store.where, "lease": store.lease, "device": device}
+        pool = WorkerPool(StepSpec(EmbedSamplesStep, settings), resources, "embedding")
         sizes = {s.name: s.n_samples(cfg.generation.samples_per_prompt) for s in shards}
         tasks = [ShardTask(name, name, sizes[name]) for name in todo]
         report = run_tasks(pool, n_workers, tasks, cfg.compute.max_attempts, "img", "embed")

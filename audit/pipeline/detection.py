@@ -180,7 +180,7 @@ def detect(store: RunStore, cfg: AuditConfig, names: list[str], sizes: dict[str,
     if gpus:
         resources["num_gpus"] = min(1.0, gpus / n_workers)  # a GPU share: pairwise tiled L2 runs there
     prepare = partial(prepare_reference, str(cfg.reference.path)) if cfg.reference.path else None
-    spec = StepSpec(DetectStep, {"cfg": cfg, "run": store.where, "thresholds": thresholds,
+    spec = StepSpec(DetectStep, {"cfg": cfg, "run": store.where, "lease": store.lease, "thresholds": thresholds,
                                  "device": "cuda" if gpus else "cpu"}, prepare)
     report = run_tasks(WorkerPool(spec, resources, "detection"), n_workers, todo, cfg.compute.max_attempts, "img",
                        "detect")

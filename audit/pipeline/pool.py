@@ -5,7 +5,8 @@ Each worker builds its step once (models load in ``__init__``) and writes whole 
 task names and the small completion markers the workers return. A worker that dies is replaced and
 its task retried; a task that keeps failing is reported in :attr:`StepReport.shards_failed` and
 left for the next run to redo. A write the storage refuses (disk full, read-only) stops the stage
-at once with a clear error (raised), as does a worker that cannot start ``max_attempts`` times.
+at once with a clear error (raised), as do a lost lease on the run (:mod:`audit.lease`) and a
+worker that cannot start ``max_attempts`` times.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from audit.errors import storage_error
+from audit.lease import LeaseLost
 from audit.pipeline.worker import StepWorker
 from audit.progress import Progress
 from audit.step import ShardTask, StepReport, StepSpec
@@ -138,9 +140,12 @@ class _Scheduler:
         self._submit(worker)
 
     def _on_failed(self, worker: Any, task: ShardTask, exc: RayActorError | RayTaskError) -> None:
-        refused = storage_error(getattr(exc, "cause", None))
+        cause = getattr(exc, "cause", None)
+        refused = storage_error(cause)
         if refused is not None:  # the same storage refuses every worker: stop now
             raise refused from None
+        if isinstance(cause, LeaseLost):  # another driver owns the run now: publish nothing more
+            raise LeaseLost(str(cause)) from None
         self.attempts[task.name] = self.attempts.get(task.name, 0) + 1
         why = reason(exc)
         if self.attempts[task.name] < self.max_attempts:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from audit.config import AuditConfig, load_config
 from audit.errors import InputError
+from audit.lease import DEFAULT_TTL_S, Lease, LeaseCheck
 from audit.location import Location
 from audit.pipeline.pool import WorkerPool, run_tasks
 from audit.pipeline.ray_setup import embedding_placement, ray_session
@@ -29,10 +30,12 @@ log = logging.getLogger(__name__)
 
 
 def embed_reference(cfg: AuditConfig, source: str | Path | Location, out: str | Path | Location,
-                    address: str | None = None) -> StepReport:
+                    address: str | None = None, lease: LeaseCheck | None = None) -> StepReport:
     """Embed an img2dataset output folder into the LAION layout under ``out``; either may be on
     object storage (workers then fetch the shards they embed and publish what they write).
-    ``counts`` holds ``rows_embedded`` and ``rejected:<reason>``."""
+    ``lease``: the check of the caller's lease on ``out`` (:mod:`audit.lease`), verified by the
+    workers before each shard is published. ``counts`` holds ``rows_embedded`` and
+    ``rejected:<reason>``."""
     from audit.embed.models import model_id_of  # torch: imported only where embedding happens
     from audit.reference.embed_shard import ReferenceEmbedStep
 
@@ -53,8 +56,8 @@ def embed_reference(cfg: AuditConfig, source: str | Path | Location, out: str | 
         return StepReport(shards_total=len(shards), shards_skipped=len(shards))
     with ray_session(address or cfg.compute.address):
         device, resources, n_workers = embedding_placement(cfg.embedding.device, cfg.compute.cpus_per_worker)
-        pool = WorkerPool(StepSpec(ReferenceEmbedStep, {"cfg": cfg, "out": target, "device": device}), resources,
-                          "reference embedding")
+        pool = WorkerPool(StepSpec(ReferenceEmbedStep, {"cfg": cfg, "out": target, "device": device,
+                                                        "lease": lease}), resources, "reference embedding")
         report = run_tasks(pool, min(n_workers, len(todo)), todo, cfg.compute.max_attempts, "shard", "embed reference")
     report.shards_total, report.shards_skipped = len(shards), len(shards) - len(todo)
     for marker in report.markers:
@@ -62,13 +65,15 @@ def embed_reference(cfg: AuditConfig, source: str | Path | Location, out: str | 
         for why, n in marker.get("rejected_by_reason", {}).items():
             report.counts[f"rejected:{why}"] += int(n)
     if report.markers:
+        if lease is not None:
+            lease.verify(EMBEDDING_JSON)
         write_embedding_json(root, model_id, int(report.markers[0]["dim"]))
         target.publish_file(root / EMBEDDING_JSON)
     report.seconds = time.time() - started_at
     return report
 
 
-def _build_testbed_reference(folder: Path, name: str = "testbed") -> None:
+def _build_testbed_reference(folder: Path, name: str, lease: LeaseCheck) -> None:
     """Embed, index and dup-count the training set of the shipped testbed ``name`` into ``folder``."""
     from audit.reference.dups import write_dups
     from audit.reference.index import build_index
@@ -77,33 +82,47 @@ def _build_testbed_reference(folder: Path, name: str = "testbed") -> None:
 
     cfg = load_config(None)  # the built-in defaults: builtin:testbed-copy embedding, Flat index
     source = write_shipped_training_set(folder, name)
-    report = embed_reference(cfg, source, folder)
+    report = embed_reference(cfg, source, folder, lease=lease)
     if report.shards_failed:
         raise RuntimeError(f"embedding the testbed reference failed: {report.shards_failed}")
     build_index(folder, cfg.reference)
     write_dups(folder, ReferenceIndex(folder), cfg.reference.dup_threshold)
 
 
-def prepare_reference(path: str) -> Path:
+def reference_lease(path: str, ttl_s: float, command: str) -> Lease:
+    """The lease on ``reference.path``'s folder (a built-in one's in the cache), for writing it."""
+    where = builtin_reference_folder(path) if path.startswith(BUILTIN_PREFIX) else Location.of(path)
+    return Lease(where, "reference folder", ttl_s=ttl_s, command=command)
+
+
+def prepare_reference(path: str, ttl_s: float = DEFAULT_TTL_S) -> Path:
     """``reference.path`` on this machine, ready to search: a built-in reference is built on first
-    use (resumable: embedded shards and index shards are kept across attempts; the marker source
-    paths inside are absolute, so it is built at its final place), a URI is mirrored."""
+    use, under its lease (another audit building it is waited for; resumable: embedded shards and
+    index shards are kept across attempts; the marker source paths inside are absolute, so it is
+    built at its final place), a URI is mirrored."""
     if path.startswith(BUILTIN_PREFIX):
         folder = builtin_reference_folder(path)
         if not is_built(folder):
-            log.info("building the built-in reference %s into %s", path, folder)
-            _build_testbed_reference(folder, builtin_reference_name(path))
+            with reference_lease(path, ttl_s, "memaudit run").acquire(wait=True) as lease:
+                if not is_built(folder):  # built by the holder we waited for
+                    log.info("building the built-in reference %s into %s", path, folder)
+                    _build_testbed_reference(folder, builtin_reference_name(path), lease.check)
     return resolve_reference(path)
 
 
 def audit_thresholds(cfg: AuditConfig, reference: Path | None, model_id: str) -> Thresholds:
     """The detection thresholds of an audit against the prepared ``reference`` (calibrating it
-    first when it has no calibration; an object-store reference gets the calibration published)."""
+    first when it has no calibration, under the reference folder's lease, waiting for another
+    writer of it; an object-store reference gets the calibration published)."""
     from audit.detect.thresholds import for_audit
 
+    if reference is None:
+        return for_audit(cfg.detection, cfg.reference, None, model_id)
     publish = None
     builtin = str(cfg.reference.path).startswith(BUILTIN_PREFIX)
-    if reference is not None and not builtin:
+    if not builtin:
         where = Location.of(cfg.reference.path)
         publish = where.publish_file if where.is_remote else None
-    return for_audit(cfg.detection, cfg.reference, reference, model_id, publish, owned=builtin)
+    lease = reference_lease(str(cfg.reference.path), cfg.compute.lease_ttl_s, "memaudit run")
+    return for_audit(cfg.detection, cfg.reference, reference, model_id, publish, owned=builtin,
+                     hold=lambda: lease.acquire(wait=True))

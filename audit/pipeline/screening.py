@@ -15,7 +15,8 @@ from typing import Any
 from audit import layout
 from audit.config import AuditConfig, ScreenSection
 from audit.pipeline.model_workers import run_on_model_workers
-from audit.runs import PreparedRun, create_or_resume_run, prepare_run
+from audit.lease import Lease
+from audit.runs import PreparedRun, create_or_resume_run, prepare_run, run_folder
 from audit.screen.run_screen import funnel, screen_complete, screen_plan, write_escalation
 from audit.screen.screen_step import ScreenStep
 from audit.step import ShardTask, StepReport, StepSpec
@@ -35,16 +36,17 @@ def screen_prompts(store: RunStore, prepared: PreparedRun, device: str, dtype: s
     if not todo:
         log.info("screen: all %d shards complete", len(shards))
         return StepReport(shards_total=len(shards), shards_skipped=len(shards))
-    settings = {"cfg": cfg, "run": store.where, "device": device, "dtype": dtype}
+    settings = {"cfg": cfg, "run": store.where, "lease": store.lease, "device": device, "dtype": dtype}
     return run_on_model_workers(cfg, device, StepSpec(ScreenStep, settings), todo, len(shards), "screen",
                                 "screening", "seed", "screen")
 
 
-def run_screen(cfg: AuditConfig, address: str | None = None, force: bool = False) -> ScreenResult:
+def run_screen(cfg: AuditConfig, address: str | None = None, force: bool = False, wait: bool = False) -> ScreenResult:
     """``memaudit screen``: screen every prompt of the run ``cfg`` describes (a config without a
     ``screen:`` section screens with its defaults) and decide which to escalate, without
     generating anything. The run folder is the one ``memaudit run`` with the same config uses, so
-    a later ``memaudit run`` goes on from the decisions."""
+    a later ``memaudit run`` goes on from the decisions; it is written under the run's lease, as
+    by ``memaudit run`` (:mod:`audit.lease`)."""
     import ray
 
     from audit.generate.loading import resolve_numerics
@@ -55,13 +57,15 @@ def run_screen(cfg: AuditConfig, address: str | None = None, force: bool = False
     prepared = prepare_run(cfg)
     with ray_session(address or cfg.compute.address):
         device, dtype = resolve_numerics(cfg.model, ray.cluster_resources().get("GPU", 0) > 0)
-        store = create_or_resume_run(prepared, device.split(":")[0], dtype, force)
-        report = screen_prompts(store, prepared, device, dtype)
-        store.sync()
-        assert cfg.screen is not None
-        if not screen_complete(store, screen_plan(prepared.plan, cfg.screen)):
-            return ScreenResult(store.path, store.location, report, None)
-        decided = write_escalation(store, cfg, prepared.plan)
+        folder = run_folder(prepared, device.split(":")[0], dtype)
+        with Lease(folder.where, "run", ttl_s=cfg.compute.lease_ttl_s, command="memaudit screen").acquire(wait) as lease:
+            store = create_or_resume_run(prepared, device.split(":")[0], dtype, force, lease.check)
+            report = screen_prompts(store, prepared, device, dtype)
+            store.sync()
+            assert cfg.screen is not None
+            if not screen_complete(store, screen_plan(prepared.plan, cfg.screen)):
+                return ScreenResult(store.path, store.location, report, None)
+            decided = write_escalation(store, cfg, prepared.plan)
     return ScreenResult(store.path, store.location, report, funnel(decided, cfg.screen))
 
 

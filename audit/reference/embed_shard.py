@@ -19,6 +19,7 @@ import pyarrow as pa
 from audit.config import AuditConfig
 from audit.embed.embedding import EmbedStage
 from audit.files import encode_marker, marker_fields, save_npy_atomic, write_bytes_atomic, write_parquet_atomic
+from audit.lease import LeaseCheck
 from audit.location import Location
 from audit.reference.folder import emb_path, marker_path, meta_path, rejected_path
 from audit.reference.sources import SourceShard, fetch, read_chunks
@@ -52,8 +53,8 @@ class ReferenceEmbedStep:
     that img2dataset shard into file pair ``index`` of the reference folder ``out`` (on object
     storage: fetched and published by the worker itself)."""
 
-    def __init__(self, cfg: AuditConfig, out: Location, device: str) -> None:
-        self.out = out
+    def __init__(self, cfg: AuditConfig, out: Location, device: str, lease: LeaseCheck | None = None) -> None:
+        self.out, self.lease = out, lease
         self.stage = EmbedStage(cfg.embedding, device)
 
     def describe(self) -> dict[str, Any]:
@@ -61,15 +62,19 @@ class ReferenceEmbedStep:
 
     def run(self, task: tuple[SourceShard, int]) -> dict[str, Any]:
         shard, index = task
-        return embed_source_shard(self.stage, self.out, fetch(shard), index)
+        return embed_source_shard(self.stage, self.out, fetch(shard), index, lease=self.lease)
 
 
 def embed_source_shard(stage: EmbedStage, out: Location, shard: SourceShard, index: int,
-                       chunk_rows: int = 256) -> dict[str, Any]:
+                       chunk_rows: int = 256, lease: LeaseCheck | None = None) -> dict[str, Any]:
     """Embed every row of ``shard`` and publish file pair ``index``; returns the marker. In an
-    object-store folder the files, then the marker, are uploaded before the local marker is written."""
+    object-store folder the files, then the marker, are uploaded before the local marker is written.
+    ``lease`` (the check of the driver's lease on ``out``) is verified before anything is written
+    and again before the pair is published."""
     root = out.local
     started = time.time()
+    if lease is not None:
+        lease.verify(f"embedding shard {index}")
     marker_path(root, index).unlink(missing_ok=True)
     vectors: list[np.ndarray] = []
     meta: dict[str, list[Any]] = {name: [] for name in METADATA.names}
@@ -102,6 +107,8 @@ def embed_source_shard(stage: EmbedStage, out: Location, shard: SourceShard, ind
                            rejected_by_reason=dict(Counter(rejected["reason"])), model_id=stage.model_id,
                            dim=stage.dim, emb_bytes=emb_bytes, meta_bytes=meta_bytes)
     data = encode_marker(marker)
+    if lease is not None:
+        lease.verify(f"embedding shard {index}")
     out.publish_with_marker([emb_path(root, index), meta_path(root, index), rejected_path(root, index)],
                             marker_path(root, index), data)  # the object store first (when out is one)
     write_bytes_atomic(marker_path(root, index), data)

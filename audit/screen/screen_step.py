@@ -21,6 +21,7 @@ from audit.location import Location
 from audit.plan import ShardSpec, shard_samples
 from audit.schema import SCREEN, STATUS_ERROR, STATUS_OK
 from audit.screen.probe import ScreenDone, ScreenProbe
+from audit.lease import LeaseCheck
 from audit.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,9 @@ class ScreenStep:
     """The screening step: one loaded pipeline; a task (a :class:`ShardSpec` of the screen's own
     shards) writes that shard of screen/."""
 
-    def __init__(self, cfg: AuditConfig, run: Location, device: str, dtype: str) -> None:
-        self.cfg, self.store = cfg, RunStore(run)
+    def __init__(self, cfg: AuditConfig, run: Location, device: str, dtype: str,
+                 lease: LeaseCheck | None = None) -> None:
+        self.cfg, self.store = cfg, RunStore(run, lease)
         self.stage = ScreenStage(cfg, device, dtype)
 
     def describe(self) -> dict[str, Any]:
