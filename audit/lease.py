@@ -209,6 +209,7 @@ class Lease:
         remote = self.where.remote
         waiting_logged = False
         while True:
+            self.started_at = self.renewed_at = time.time()  # the record's times: what its holder counts from
             if remote.create(self.name, self._record()):
                 return None
             record = _decode(remote.read(self.name))

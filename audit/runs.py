@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +36,7 @@ from audit.screen.run_screen import check_screen
 from audit import layout
 from audit.location import Location
 from audit.files import LEASE_FILE
-from audit.lease import LeaseCheck
+from audit.lease import Lease, LeaseCheck
 from audit.store import RunStore, run_location
 
 log = logging.getLogger(__name__)
@@ -145,6 +147,17 @@ def create_or_resume_run(prepared: PreparedRun, device_type: str, dtype: str, fo
     else:
         log.info("resuming run %s", store.location)
     return store
+
+
+@contextmanager
+def leased_run(prepared: PreparedRun, device_type: str, dtype: str, force: bool, wait: bool,
+               command: str) -> Iterator[tuple[RunStore, Lease]]:
+    """The run folder opened (:func:`create_or_resume_run`) under its lease, held for the block:
+    the one way ``run``, ``screen`` and ``watch`` open a run to write it (docs/architecture.md,
+    "Leases")."""
+    where = run_folder(prepared, device_type, dtype).where
+    with Lease(where, "run", ttl_s=prepared.cfg.compute.lease_ttl_s, command=command).acquire(wait) as lease:
+        yield create_or_resume_run(prepared, device_type, dtype, force, lease.check), lease
 
 
 def _set_aside(path: Path) -> Path:

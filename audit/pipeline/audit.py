@@ -31,9 +31,8 @@ from audit.pipeline.reference import audit_thresholds, prepare_reference
 from audit.pipeline.ray_setup import embedding_placement, ray_session
 from audit.pipeline.screening import screen_prompts
 from audit.plan import ShardSpec, keep_prompts, plan_shard_of, round_ends
-from audit.lease import Lease
 from audit.location import Location
-from audit.runs import PreparedRun, create_or_resume_run, prepare_run, run_folder
+from audit.runs import PreparedRun, leased_run, prepare_run
 from audit.schema import STATUS_ERROR
 from audit.screen.run_screen import (
     escalated_shards,
@@ -83,9 +82,7 @@ def run_audit(cfg: AuditConfig, address: str | None = None, retry_failed: bool =
         reference = prepare_reference(cfg.reference.path, cfg.compute.lease_ttl_s) if cfg.reference.path else None
         thresholds = audit_thresholds(cfg, reference, model_id)  # may calibrate the reference: before any work
         device, dtype = resolve_numerics(cfg.model, ray.cluster_resources().get("GPU", 0) > 0)
-        folder = run_folder(prepared, device.split(":")[0], dtype)
-        with Lease(folder.where, "run", ttl_s=cfg.compute.lease_ttl_s, command=command).acquire(wait) as lease:
-            store = create_or_resume_run(prepared, device.split(":")[0], dtype, force, lease.check)
+        with leased_run(prepared, device.split(":")[0], dtype, force, wait, command) as (store, lease):
             result = _audit_run(store, prepared, device, dtype, retry_failed, reference, thresholds)
             if report and _has_scores(store):
                 from audit.report.build import write_report

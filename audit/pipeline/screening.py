@@ -15,8 +15,7 @@ from typing import Any
 from audit import layout
 from audit.config import AuditConfig, ScreenSection
 from audit.pipeline.model_workers import run_on_model_workers
-from audit.lease import Lease
-from audit.runs import PreparedRun, create_or_resume_run, prepare_run, run_folder
+from audit.runs import PreparedRun, leased_run, prepare_run
 from audit.screen.run_screen import funnel, screen_complete, screen_plan, write_escalation
 from audit.screen.screen_step import ScreenStep
 from audit.step import ShardTask, StepReport, StepSpec
@@ -57,9 +56,7 @@ def run_screen(cfg: AuditConfig, address: str | None = None, force: bool = False
     prepared = prepare_run(cfg)
     with ray_session(address or cfg.compute.address):
         device, dtype = resolve_numerics(cfg.model, ray.cluster_resources().get("GPU", 0) > 0)
-        folder = run_folder(prepared, device.split(":")[0], dtype)
-        with Lease(folder.where, "run", ttl_s=cfg.compute.lease_ttl_s, command="memaudit screen").acquire(wait) as lease:
-            store = create_or_resume_run(prepared, device.split(":")[0], dtype, force, lease.check)
+        with leased_run(prepared, device.split(":")[0], dtype, force, wait, "memaudit screen") as (store, _):
             report = screen_prompts(store, prepared, device, dtype)
             store.sync()
             assert cfg.screen is not None
