@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -33,27 +35,105 @@ BUILTIN_SOURCES = {
 }
 CARRIED_COLUMNS = ("key", "url")
 _SUFFIX_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+CHUNK_ROWS = 1 << 16  # prompts per Arrow record batch while a source is read
 
 
-@dataclass
+@dataclass(frozen=True)
 class RawPrompts:
-    """Prompts as read from a source, in source order, before de-duplication."""
+    """Prompts as read from a source, in source order, before de-duplication: one Arrow table with
+    ``prompt``, ``source_row`` and the carried LAION columns the source has (``key``, ``url``), in
+    record batches of at most :data:`CHUNK_ROWS` rows, so that 10^7 prompts cost Arrow buffers, not
+    Python objects (docs/architecture.md, "Scale")."""
 
     source: str
-    prompts: list[str] = field(default_factory=list)
-    source_rows: list[int] = field(default_factory=list)
-    carried: dict[str, list[str | None]] = field(default_factory=dict)
+    table: pa.Table
     skipped_blank: int = 0
 
+    @property
+    def n_prompts(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def prompts(self) -> list[str]:
+        """Every prompt as a Python list (small sources and tests; the planner reads :attr:`table`)."""
+        return self.table.column("prompt").to_pylist()
+
+    @property
+    def source_rows(self) -> list[int]:
+        return self.table.column("source_row").to_pylist()
+
+    @property
+    def carried(self) -> dict[str, list[str | None]]:
+        """The carried columns the source has, as Python lists."""
+        return {c: self.table.column(c).to_pylist() for c in CARRIED_COLUMNS if c in self.table.column_names}
+
+
+class _Collector:
+    """Collects a source's prompts, row by row or batch by batch, into Arrow record batches of at
+    most :data:`CHUNK_ROWS` rows. A prompt is blank (skipped and counted) when it is not a string or
+    ``str.strip`` leaves nothing; a carried value is kept as ``str(value)`` (None stays None)."""
+
+    def __init__(self, source: str, carried: tuple[str, ...] = ()) -> None:
+        self.source, self.carried = source, carried
+        self.schema = pa.schema([("prompt", pa.string()), ("source_row", pa.int64()),
+                                 *((c, pa.string()) for c in carried)])
+        self.batches: list[pa.RecordBatch] = []
+        self.skipped_blank = 0
+        self._texts: list[str] = []
+        self._rows: list[int] = []
+        self._carried: dict[str, list[str | None]] = {c: [] for c in carried}
+
     def add(self, text: object, row: int, extra: dict[str, object] | None = None) -> None:
+        """One row of a source read line by line."""
         if not isinstance(text, str) or not text.strip():
             self.skipped_blank += 1
             return
-        self.prompts.append(text)
-        self.source_rows.append(row)
-        for column, values in self.carried.items():
-            value = (extra or {}).get(column)
-            values.append(None if value is None else str(value))
+        self._texts.append(text)
+        self._rows.append(row)
+        if self.carried:
+            values = extra or {}
+            for column, kept in self._carried.items():
+                kept.append(_text_or_none(values.get(column)))
+        if len(self._texts) >= CHUNK_ROWS:
+            self._flush()
+
+    def add_batch(self, texts: pa.Array, rows: pa.Array, extra: dict[str, pa.Array]) -> None:
+        """Rows of a columnar source: ``texts`` (string), their ``rows`` and carried columns."""
+        self._flush()
+        present = np.fromiter((_present(t) for t in texts.to_pylist()), bool, len(texts))
+        self.skipped_blank += len(present) - int(present.sum())
+        keep = pa.array(present)
+        columns = [texts.cast(pa.string()).filter(keep), rows.cast(pa.int64()).filter(keep),
+                   *(_as_text(extra[c]).filter(keep) for c in self.carried)]
+        for start in range(0, len(columns[0]), CHUNK_ROWS):
+            self.batches.append(pa.record_batch([c.slice(start, CHUNK_ROWS) for c in columns], schema=self.schema))
+
+    def _flush(self) -> None:
+        if self._texts:
+            columns = [self._texts, self._rows, *self._carried.values()]
+            self.batches.append(pa.record_batch([pa.array(c, f.type) for c, f in zip(columns, self.schema)],
+                                                schema=self.schema))
+            self._texts, self._rows, self._carried = [], [], {c: [] for c in self.carried}
+
+    def result(self) -> RawPrompts:
+        self._flush()
+        return RawPrompts(self.source, pa.Table.from_batches(self.batches, schema=self.schema), self.skipped_blank)
+
+
+def _present(text: object) -> bool:
+    """Whether a source value is a prompt (a string with something besides whitespace)."""
+    return isinstance(text, str) and bool(text.strip())
+
+
+def _text_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _as_text(values: pa.Array) -> pa.Array:
+    """A carried column as strings: text as it is, anything else as Python's ``str`` of it."""
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        return values.cast(pa.string())
+    return pa.array([_text_or_none(v) for v in values.to_pylist()], pa.string())
 
 
 def resolve_source(section: PromptsSection) -> tuple[Path, str]:
@@ -94,13 +174,13 @@ def read_prompts(section: PromptsSection) -> RawPrompts:
     raw = readers[fmt](path, section.text_column)
     if raw.skipped_blank:
         log.warning("%s: skipped %d blank prompts", path, raw.skipped_blank)
-    if not raw.prompts:
+    if not raw.n_prompts:
         raise InputError(f"prompts.source: {path} contains no prompts (is the file empty?)")
     return raw
 
 
-def _decoded_lines(path: Path) -> list[tuple[int, str]]:
-    lines = []
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line, the first line's byte-order mark dropped."""
     with path.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
             try:
@@ -110,19 +190,18 @@ def _decoded_lines(path: Path) -> list[tuple[int, str]]:
                     f"{path}:{number}: not valid UTF-8 ({exc.reason} at byte {exc.start}); "
                     "re-encode the file as UTF-8"
                 ) from None
-            lines.append((number, text.lstrip("\ufeff") if number == 1 else text))
-    return lines
+            yield number, text.lstrip("\ufeff") if number == 1 else text
 
 
 def _read_txt(path: Path, _text_column: str) -> RawPrompts:
-    raw = RawPrompts(source=str(path))
+    raw = _Collector(str(path))
     for number, line in _decoded_lines(path):
         raw.add(line.rstrip("\r\n"), number)
-    return raw
+    return raw.result()
 
 
 def _read_jsonl(path: Path, text_column: str) -> RawPrompts:
-    raw = RawPrompts(source=str(path), carried={c: [] for c in CARRIED_COLUMNS})
+    raw = _Collector(str(path), CARRIED_COLUMNS)
     for number, line in _decoded_lines(path):
         if not line.strip():
             continue
@@ -138,7 +217,7 @@ def _read_jsonl(path: Path, text_column: str) -> RawPrompts:
                 "set prompts.text_column"
             )
         raw.add(record[text_column], number, record)
-    return raw
+    return raw.result()
 
 
 def _read_parquet(path: Path, text_column: str) -> RawPrompts:
@@ -155,26 +234,24 @@ def _read_parquet(path: Path, text_column: str) -> RawPrompts:
         dataset.schema.field(text_column).type
     ):
         raise InputError(f"{path}: column {text_column!r} holds {dataset.schema.field(text_column).type}, not text")
-    carried = [c for c in CARRIED_COLUMNS if c in names and c != text_column]
-    raw = RawPrompts(source=str(path), carried={c: [] for c in carried})
+    carried = tuple(c for c in CARRIED_COLUMNS if c in names and c != text_column)
+    raw = _Collector(str(path), carried)
     row = 0
     for batch in dataset.to_batches(columns=[text_column, *carried]):
-        columns = {name: batch.column(name).to_pylist() for name in batch.schema.names}
-        for i, text in enumerate(columns[text_column]):
-            raw.add(text, row, {c: columns[c][i] for c in carried})
-            row += 1
-    return raw
+        rows = pa.array(np.arange(row, row + batch.num_rows, dtype=np.int64))
+        raw.add_batch(batch.column(text_column), rows, {c: batch.column(c) for c in carried})
+        row += batch.num_rows
+    return raw.result()
 
 
 def _read_most_duplicated(path: Path, _text_column: str) -> RawPrompts:
     """Carlini et al.'s prompt selection: reference captions, most duplicated images first
     (``prompts.limit`` keeps the N most duplicated distinct captions)."""
     table = most_duplicated(path)
-    raw = RawPrompts(source=f"{path} (most duplicated)", carried={c: [] for c in CARRIED_COLUMNS})
-    columns = table.select(["caption", "key", "url", "row"]).to_pydict()
-    for caption, key, url, row in zip(columns["caption"], columns["key"], columns["url"], columns["row"]):
-        raw.add(caption, int(row), {"key": key, "url": url})
-    return raw
+    raw = _Collector(f"{path} (most duplicated)", CARRIED_COLUMNS)
+    for batch in table.select(["caption", "key", "url", "row"]).to_batches(max_chunksize=CHUNK_ROWS):
+        raw.add_batch(batch.column("caption"), batch.column("row"), {"key": batch.column("key"), "url": batch.column("url")})
+    return raw.result()
 
 
 def most_duplicated(root: Path) -> pa.Table:

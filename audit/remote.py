@@ -12,16 +12,19 @@ environment (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_C
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from audit.errors import InputError, StorageError
-from audit.files import LEASE_FILE, MARKERS, atomic_file, write_bytes_atomic
+from audit.files import LEASE_FILE, MARKERS, atomic_file, temporary_name, write_bytes_atomic
 from audit.files import is_temporary as is_temporary_name
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,9 @@ log = logging.getLogger(__name__)
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 LAST_NAMES = ("manifest.json", "trained.json")  # published after everything else under a tree
 PULLED = ".memaudit-pulled.json"  # in a mirror: the object versions it was last pulled at
+LIST_PAGE = 1000  # keys per listing request (S3's maximum page)
+
+Entry = tuple[str, int, str]  # an object of a listing: (path relative to the folder, size, version)
 
 
 @contextmanager
@@ -66,29 +72,66 @@ class RemoteFolder:
     def _key(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
 
-    def inventory(self, rel: str = "") -> dict[str, tuple[int, str]]:
-        """Every object under the folder (or under ``rel`` in it): relative path -> (size,
-        version), the version being the ETag (or modification time) the store reports."""
+    def pages(self, rel: str = "", page: int | None = None) -> Iterator[list[Entry]]:
+        """Every object under the folder (or under ``rel`` in it), one listing page at a time, each
+        object as (relative path, size, version): the version is the ETag (or modification time)
+        the store reports. On S3 each page is one ListObjectsV2 request of ``page`` keys and only
+        these three fields are kept, so listing 10^5 objects never holds the library's detail
+        dicts (docs/architecture.md, "Locations"); other stores are listed whole, then reduced."""
         with _talking_to(self.uri, "listing"):
             self.fs.invalidate_cache()
+        if hasattr(self.fs, "call_s3") and not getattr(self.fs, "version_aware", False):
+            yield from self._s3_pages(rel, page or LIST_PAGE)
+            return
+        with _talking_to(self.uri, "listing"):
             try:
                 found = self.fs.find(self._key(rel), detail=True)
             except FileNotFoundError:
-                return {}
+                return
         prefix = self.root + "/"
-        return {name[len(prefix):]: (int(info.get("size") or 0),
-                                     str(info.get("ETag") or info.get("etag") or info.get("mtime") or ""))
-                for name, info in found.items() if name.startswith(prefix) and info.get("type", "file") == "file"}
+        yield [(name[len(prefix):], int(info.get("size") or 0),
+                str(info.get("ETag") or info.get("etag") or info.get("mtime") or ""))
+               for name, info in found.items() if name.startswith(prefix) and info.get("type", "file") == "file"]
+
+    def _s3_pages(self, rel: str, page: int) -> Iterator[list[Entry]]:
+        """ListObjectsV2 page by page under ``<root>/<rel>/`` (placeholder keys ending in "/" left out)."""
+        bucket, key, _ = self.fs.split_path(self._key(rel))
+        root_key = self.fs.split_path(self.root)[1]
+        start = len(root_key) + 1 if root_key else 0  # where a path relative to the folder begins
+        request: dict[str, Any] = {"Bucket": bucket, "Prefix": f"{key}/" if key else "", "MaxKeys": page}
+        while True:
+            with _talking_to(self.uri, "listing"):
+                try:
+                    out = self.fs.call_s3("list_objects_v2", **request)
+                except FileNotFoundError:
+                    return
+            yield [(item["Key"][start:], int(item.get("Size") or 0), str(item.get("ETag") or ""))
+                   for item in out.get("Contents", []) if not item["Key"].endswith("/")]
+            if not out.get("IsTruncated") or not out.get("NextContinuationToken"):
+                return
+            request["ContinuationToken"] = out["NextContinuationToken"]
+
+    def inventory(self, rel: str = "") -> dict[str, tuple[int, str]]:
+        """Every object under the folder (or under ``rel`` in it): relative path -> (size,
+        version), gathered from :meth:`pages`."""
+        return {name: (size, version) for entries in self.pages(rel) for name, size, version in entries}
 
     def listing(self, rel: str = "") -> dict[str, int]:
         """Every object under the folder (or under ``rel`` in it): relative path -> size."""
         return {name: size for name, (size, _) in self.inventory(rel).items()}
 
+    @cached_property
+    def _whole_read(self) -> dict[str, Any]:
+        """Keyword arguments that read a small object with one GET: s3fs (2025 on) otherwise asks
+        for its size first, a HEAD per object, unless a listing it cached knows it."""
+        takes = inspect.signature(self.fs._cat_file).parameters if hasattr(self.fs, "_cat_file") else {}
+        return {"max_concurrency": 1} if "max_concurrency" in takes else {}
+
     def read(self, rel: str) -> bytes | None:
         """The object's bytes, or None when it does not exist."""
         with _talking_to(self.uri, f"reading {rel}"):
             try:
-                return self.fs.cat_file(self._key(rel))
+                return self.fs.cat_file(self._key(rel), **self._whole_read)
             except FileNotFoundError:
                 return None
 
@@ -97,9 +140,16 @@ class RemoteFolder:
         if not rels:
             return {}
         with _talking_to(self.uri, f"reading {len(rels)} objects"):
-            got = self.fs.cat([self._key(r) for r in rels], on_error="omit")
+            got = self.fs.cat([self._key(r) for r in rels], on_error="omit", **self._whole_read)
         prefix = self.root + "/"
         return {name[len(prefix):]: data for name, data in got.items() if isinstance(data, bytes)}
+
+    def read_batches(self, rels: list[str], batch: int) -> Iterator[tuple[list[str], dict[str, bytes]]]:
+        """``rels`` read ``batch`` at a time (each batch one concurrent :meth:`read_many`): yields
+        each batch's paths and what was read of them, so only one batch's bytes are held at once."""
+        for start in range(0, len(rels), batch):
+            chunk = rels[start:start + batch]
+            yield chunk, self.read_many(chunk)
 
     def write(self, rel: str, data: bytes) -> None:
         with _talking_to(self.uri, f"writing {rel}"):
@@ -123,6 +173,23 @@ class RemoteFolder:
         """Fetch one object to ``local`` atomically (a temporary name, then a rename)."""
         with atomic_file(local, sync=False) as tmp, _talking_to(self.uri, f"downloading {rel}"):
             self.fs.get_file(self._key(rel), str(tmp))
+
+    def download_many(self, pairs: list[tuple[str, Path]]) -> None:
+        """Fetch several objects (relative path, local file) in one concurrent batch, each to a
+        temporary name first and renamed into place once all arrived; none is left half-written."""
+        if not pairs:
+            return
+        tmps = [temporary_name(local) for _, local in pairs]
+        for _, local in pairs:
+            local.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with _talking_to(self.uri, f"downloading {len(pairs)} objects"):
+                self.fs.get([self._key(rel) for rel, _ in pairs], [str(tmp) for tmp in tmps])
+            for tmp, (_, local) in zip(tmps, pairs):
+                os.replace(tmp, local)
+        finally:
+            for tmp in tmps:
+                tmp.unlink(missing_ok=True)
 
     def is_single_object(self) -> bool:
         """Whether the URI names one object rather than a prefix."""

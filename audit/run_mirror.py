@@ -19,7 +19,13 @@ from audit.remote import is_temporary, pulled_versions, record_pulled
 
 log = logging.getLogger(__name__)
 
+BATCH = 500  # markers read, and shards fetched, per concurrent batch of a sync
 _SHARD_FILE = re.compile(r"^[^/]+/shard-\d+\.parquet$")  # <table>/shard-NNNNN.parquet: governed by its marker
+
+
+def _is_marker(rel: str) -> bool:
+    """A table's completion marker: ``<table>/_markers/<shard>.json``."""
+    return f"/{MARKERS}/" in rel and rel.endswith(".json")
 
 
 def _shard_of(marker_rel: str) -> str:
@@ -47,28 +53,40 @@ class RunMirror:
     def sync(self) -> int:
         """Make the mirror match the object store: every shard its marker there calls complete is
         fetched (when the local copy differs), local markers the store lacks are dropped, other
-        files missing locally are fetched. Returns files fetched."""
-        inventory = self.remote.inventory()
-        objects = {rel: size for rel, (size, _) in inventory.items()}
+        files missing locally are fetched. Returns files fetched.
+
+        The bucket is listed page by page into (size, version) per object; markers not adopted at
+        their current version are read ``BATCH`` at a time and their shards fetched batch by
+        batch, so memory holds one batch's bytes, and a sync where nothing changed reads no marker
+        from the store (docs/architecture.md, "Locations")."""
+        listing = self.remote.inventory()
         known = pulled_versions(self.local)  # a marker whose version was adopted before is read here
 
         def unchanged(rel: str) -> bool:
-            return bool(inventory[rel][1]) and known.get(rel) == list(inventory[rel]) and (self.local / rel).is_file()
+            size, version = listing[rel]
+            return bool(version) and known.get(rel) == [size, version] and (self.local / rel).is_file()
 
-        is_marker = [rel for rel in inventory if f"/{MARKERS}/" in rel and rel.endswith(".json")]
-        markers = {rel: (self.local / rel).read_bytes() for rel in is_marker if unchanged(rel)}
-        markers |= self.remote.read_many(sorted(set(is_marker) - set(markers)))
-        fetched = sum(self._adopt(rel, data, objects) for rel, data in markers.items())
+        adopted, stale = [], []  # markers adopted at their current version (read here), the others
+        for rel in sorted(rel for rel in listing if _is_marker(rel)):
+            (adopted if unchanged(rel) else stale).append(rel)
+        fetched, lost = 0, set[str]()
+        for start in range(0, len(adopted), BATCH):
+            batch = adopted[start:start + BATCH]
+            fetched += self._adopt_batch({rel: (self.local / rel).read_bytes() for rel in batch}, listing)
+        for batch, read in self.remote.read_batches(stale, BATCH):
+            lost.update(rel for rel in batch if rel not in read)  # deleted since the listing
+            fetched += self._adopt_batch(read, listing)
         for local_marker in self.local.glob(f"*/{MARKERS}/*.json"):
-            if local_marker.relative_to(self.local).as_posix() not in markers:
+            rel = local_marker.relative_to(self.local).as_posix()
+            if rel not in listing or rel in lost:
                 local_marker.unlink(missing_ok=True)
-        for rel in inventory:  # run.json, the prompts table, report/: fetched when new or changed
-            if (rel in markers or _SHARD_FILE.match(rel) or is_temporary(rel) or "write-probe" in rel
+        for rel in listing:  # run.json, the prompts table, report/: fetched when new or changed
+            if (_is_marker(rel) or _SHARD_FILE.match(rel) or is_temporary(rel) or "write-probe" in rel
                     or unchanged(rel)):
                 continue
             self.remote.download(rel, self.local / rel)
             fetched += 1
-        present = {rel: list(version) for rel, version in inventory.items()
+        present = {rel: [size, version] for rel, (size, version) in listing.items()
                    if not _SHARD_FILE.match(rel) and (self.local / rel).is_file()}
         if present != known:
             record_pulled(self.local, present)
@@ -76,8 +94,20 @@ class RunMirror:
             log.info("%s: fetched %d files into %s", self.remote.uri, fetched, self.local)
         return fetched
 
-    def _adopt(self, marker_rel: str, data: bytes, objects: dict[str, int] | None = None) -> int:
-        """Bring one published shard (marker ``data``) into the mirror; 1 if its file was fetched."""
+    def _adopt_batch(self, markers: dict[str, bytes], listing: dict[str, tuple[int, str]]) -> int:
+        """Adopt a batch of markers (relative path -> bytes) whose shards ``listing`` sizes: the
+        shards that differ locally are fetched in one concurrent batch, then their markers written.
+        Returns shards fetched."""
+        wanted = {rel: data for rel, data in markers.items() if self._needs_shard(rel, data, listing)}
+        self.remote.download_many([(_shard_of(rel), self.local / _shard_of(rel)) for rel in wanted])
+        for rel, data in wanted.items():  # the marker only after its shard, as when publishing
+            write_bytes_atomic(self.local / rel, data)
+        return len(wanted)
+
+    def _needs_shard(self, marker_rel: str, data: bytes, listing: dict[str, tuple[int, str]] | None = None) -> bool:
+        """Whether the shard a published marker (``data``) describes must be fetched: its local
+        copy or marker differs and the store's shard (sized by ``listing`` when given) has the
+        marker's size. A local marker that is not kept is removed first."""
         local_marker = self.local / marker_rel
         shard_rel = _shard_of(marker_rel)
         local_shard = self.local / shard_rel
@@ -86,26 +116,25 @@ class RunMirror:
         except json.JSONDecodeError:
             log.warning("%s/%s: unreadable completion marker; the shard will be redone", self.remote.uri, marker_rel)
             local_marker.unlink(missing_ok=True)
-            return 0
+            return False
         same = (local_marker.is_file() and local_marker.read_bytes() == data
                 and local_shard.is_file() and local_shard.stat().st_size == size)
         if same:
-            return 0
+            return False
         local_marker.unlink(missing_ok=True)
-        remote_size = objects.get(shard_rel) if objects is not None else size
+        remote_size = (listing[shard_rel][0] if shard_rel in listing else None) if listing is not None else size
         if remote_size != size:
             log.warning("%s/%s: missing or of another size than its marker says; the shard will be redone",
                         self.remote.uri, shard_rel)
-            return 0
-        self.remote.download(shard_rel, local_shard)
-        write_bytes_atomic(local_marker, data)
-        return 1
+            return False
+        return True
 
     def fetch_shard(self, marker_rel: str) -> None:
         """Adopt one shard another node published (nothing when its marker is not in the bucket)."""
         data = self.remote.read(marker_rel)
-        if data is not None:
-            self._adopt(marker_rel, data)
+        if data is not None and self._needs_shard(marker_rel, data):
+            self.remote.download(_shard_of(marker_rel), self.local / _shard_of(marker_rel))
+            write_bytes_atomic(self.local / marker_rel, data)
 
     def fetch_file(self, rel: str) -> None:
         """Fetch a whole-run file (e.g. the prompts table) when the mirror lacks it."""

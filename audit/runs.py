@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,14 @@ class PreparedRun:
     pipeline: PipelineInfo
     checkpoint: dict[str, Any]
     plan: PromptPlan
-    truncated: dict[str, Any]
+
+    @cached_property
+    def truncated(self) -> dict[str, Any]:
+        """Prompts longer than the text encoder takes (``run.json: prompts.truncated``). Measured
+        only when a run is created: tokenising every prompt costs about a minute per 10⁶ prompts,
+        and a resume reads the record from run.json (docs/architecture.md, "Scale")."""
+        return truncated_prompts(self.model.folder, self.plan.table.column("prompt_id").to_pylist(),
+                                 self.plan.table.column("prompt").to_pylist())
 
 
 def prepare_run(cfg: AuditConfig) -> PreparedRun:
@@ -69,14 +77,12 @@ def prepare_run(cfg: AuditConfig) -> PreparedRun:
     )
     if cfg.screen is not None:
         check_screen(cfg.screen, info.family, cfg.generation, plan.n_prompts)
-    truncated = truncated_prompts(model.folder, plan.table.column("prompt_id").to_pylist(),
-                                  plan.table.column("prompt").to_pylist())
     log.info("hashing checkpoint %s", model.folder)
     checkpoint = checkpoint_digest(model.folder)
     # A LoRA adapter makes another checkpoint: its hash and scale join the content hash.
     checkpoint = {**checkpoint, "base_sha256": checkpoint["sha256"],
                   "sha256": checkpoint_identity(checkpoint["sha256"], list(info.adapters))}
-    return PreparedRun(cfg, model, info, checkpoint, plan, truncated)
+    return PreparedRun(cfg, model, info, checkpoint, plan)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -48,6 +48,9 @@ BENCHMARKS: dict[str, tuple[list[str] | None, list[str] | None]] = {
     # screening (docs/screening.md): throughput vs the full audit, detection, two-stage vs full (the
     # testbeds are 40% memorized: escalate the top half, rounds up to 16), driver memory at scale;
     # the GPU profile adds the SD1.5 screening roofline and 100k prompts
+    # driver-side steps (verify, report, compare, a no-op run, the notebook) on synthetic runs of
+    # 10^5-10^7 samples against a DuckDB scan, and a bucket run of 10^6 (docs/architecture.md, "Scale")
+    "scale": (["--s3-size", "1000000"], ["--s3-size", "1000000"]),
     "screen": (["--per-group", "8", "--scale", "20000", "--top", "0.5", "--max-samples", "16"], ["--profile", "gpu"]),
 }
 # benchmarks that run another benchmark's script with other arguments
@@ -110,6 +113,12 @@ def headline(name: str, result: dict[str, Any]) -> str:
     if name == "families":
         rates = ", ".join(f"{family} {row['images_per_s']:.1f}" for family, row in result["families"].items())
         return f"tiny img/s: {rates}; Flux extra uncond call {result['flux_extra_uncond_cost']:.3f}x the time"
+    if name == "scale":
+        t, big = result["targets"], result["results"][-1]
+        return (f"at {big['samples']:,} samples: verify {big['verify']['seconds']:.0f} s "
+                f"({t['verify_vs_floor']:.1f}x a DuckDB scan), report {big['report']['seconds']:.0f} s "
+                f"({t['report_vs_floor']:.1f}x), no-op run {big['noop_run']['seconds']:.0f} s; peak RSS vs the "
+                f"smallest run: verify {t['verify_rss_ratio']:.2f}x, report {t['report_rss_ratio']:.2f}x")
     if name == "screen":
         parts = []
         for testbed, r in result.get("testbeds", {}).items():

@@ -102,16 +102,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def s3_server() -> Iterator[dict[str, str]]:
+def s3_server(log: Path | None = None) -> Iterator[dict[str, str]]:
     """A real S3-compatible server (moto's server mode, a separate process on 127.0.0.1); yields
-    the environment a client needs to reach it (endpoint and credentials)."""
+    the environment a client needs to reach it (endpoint and credentials). With ``log``, the
+    server's request log (one line per HTTP request) is appended to that file."""
     import socket
     import sys
     import time
 
     port = free_port()
+    sink = log.open("ab") if log is not None else subprocess.DEVNULL
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=sink)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "AKIAMOTOTESTSERVER",
            "AWS_SECRET_ACCESS_KEY": "s3cr3t-of-the-test-server", "AWS_DEFAULT_REGION": "us-east-1"}
     try:
@@ -128,6 +130,8 @@ def s3_server() -> Iterator[dict[str, str]]:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        if log is not None:
+            sink.close()
 
 
 @contextmanager

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("stage: screen", ("audit.screen",)),
     ("stage: reference", ("audit.reference",)),
     ("stage: detect", ("audit.detect",)),
-    ("runs, readers and tools", ("audit.runs", "audit.report", "audit.reconcile", "audit.watch_state",
+    ("runs, readers and tools", ("audit.runs", "audit.report", "audit.reconcile", "audit.reconcile_plan", "audit.watch_state",
                                  "audit.testbed.evaluate", "audit.testbed.card", "audit.testbed.package",
                                  "audit.testbed.lora_package")),
     ("ray wiring", ("audit.pipeline",)),

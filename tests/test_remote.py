@@ -278,11 +278,13 @@ def test_a_live_holder_renews_its_bucket_lock(server: dict) -> None:
     from audit import watch_state
 
     state = watch_state.BucketState(f"s3://{BUCKET}/locks/model=r")
-    with state.lock("step-1.lock", ttl_s=3.0) as held:  # renewed every 0.3 s
-        time.sleep(7.0)  # well past the time to live: without renewal the lock would count as abandoned
-        with state.lock("step-1.lock", ttl_s=3.0) as other:
+    # renewed every 0.6 s; a holder gives up after 3 s without a renewal, which a loaded 2-core
+    # machine (moto's single-threaded server answering late) reached with a 3 s time to live
+    with state.lock("step-1.lock", ttl_s=6.0) as held:
+        time.sleep(13.0)  # well past the time to live: without renewal the lock would count as abandoned
+        with state.lock("step-1.lock", ttl_s=6.0) as other:
             assert held and not other
-    with state.lock("step-1.lock", ttl_s=3.0) as again:
+    with state.lock("step-1.lock", ttl_s=6.0) as again:
         assert again
 
 

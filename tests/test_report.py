@@ -76,6 +76,83 @@ def test_run_writes_the_report_and_it_matches_the_tables(demo: dict, capsys: pyt
             assert image.format == "PNG" and image.size[0] > 300
 
 
+def row_by_row_summary(run: Path) -> dict:
+    """The report's numbers recomputed one Python row at a time from whole tables — how the
+    report computed them before it aggregated in DuckDB (docs/architecture.md, "Reports at
+    scale") — as the oracle the streaming path must equal field by field."""
+    order = {"matching_verbatim": 4, "retrieved_verbatim": 3, "template_verbatim": 2, "low_information": 1}
+    labels = ("matching_verbatim", "retrieved_verbatim", "template_verbatim")
+    scores = pq.read_table(run / "prompt_scores").to_pylist()
+    samples = pq.read_table(run / "samples", columns=["sample_id", "status"]).to_pylist()
+    matches = pq.read_table(run / "matches").to_pylist()
+    best: dict[str, str] = {}
+    for m in matches:
+        if m["status"] == "ok" and order.get(m["label"], 0) > order.get(best.get(m["sample_id"], ""), 0):
+            best[m["sample_id"]] = m["label"]
+    prompt_of = {m["sample_id"]: m["prompt_id"] for m in matches}
+    n_ok = sum(s["status"] == "ok" for s in samples)
+    chosen: dict[str, dict] = {}
+    for m in matches:
+        if m["status"] == "ok" and m["label"] in labels and best.get(m["sample_id"]) == m["label"]:
+            current = chosen.get(m["prompt_id"])
+            if current is None or order[m["label"]] > order[current["label"]] or (
+                    m["label"] == current["label"] and m["tiled_l2"] < current["tiled_l2"]):
+                chosen[m["prompt_id"]] = m
+    gallery = sorted(chosen.values(), key=lambda m: (-order[m["label"]], m["tiled_l2"], m["sample_id"]))[:24]
+    neighbors = pq.read_table(run / "neighbors").to_pylist()
+    top1 = np.array([n["score"] for n in neighbors if n["rank"] == 0 and n["row"] >= 0], np.float32)
+    q = np.quantile(top1, [0.5, 0.9, 0.99, 1.0])
+    ranked = sorted(scores, key=lambda r: (-r["score"], r["prompt_id"]))
+    return {
+        "prompts": len(scores), "samples": len(samples), "samples_ok": n_ok, "samples_error": len(samples) - n_ok,
+        "flagged_prompts": sum(r["flagged"] for r in scores),
+        "samples_by_label": {label: sum(v == label for v in best.values()) for label in labels},
+        "prompts_by_label": {label: len({prompt_of[s] for s, v in best.items() if v == label}) for label in labels},
+        "samples_low_information": sum(v == "low_information" for v in best.values()),
+        "verified_pairs": sum(m["label"] in labels for m in matches),
+        "flagged": [r["prompt_id"] for r in ranked if r["flagged"]],
+        "gallery": [m["sample_id"] for m in gallery],
+        "generated_to_train": {"n": int(top1.size), "median": float(q[0]), "p90": float(q[1]), "p99": float(q[2]),
+                               "max": float(q[3])},
+    }
+
+
+def test_the_report_aggregated_by_duckdb_equals_a_row_by_row_recomputation(
+        demo: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from audit.report import baseline
+    from audit.report.build import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(demo["run"], run)
+    expected = row_by_row_summary(run)
+
+    def found(summary: dict) -> dict:
+        return {**{k: summary[k] for k in ("prompts", "samples", "samples_ok", "samples_error", "verified_pairs")},
+                "flagged_prompts": summary["flagged_prompts"]["count"],
+                "samples_by_label": {k: v["count"] for k, v in summary["samples_by_label"].items()},
+                "prompts_by_label": {k: v["count"] for k, v in summary["prompts_by_label"].items()},
+                "samples_low_information": summary["samples_low_information"]["count"],
+                "flagged": [f["prompt_id"] for f in summary["flagged"]],
+                "gallery": [g["sample_id"] for g in summary["gallery"]],
+                "generated_to_train": summary["similarity"]["generated_to_train"]}
+
+    write_report(run)
+    summary = json.loads((run / "report" / "summary.json").read_text())
+    assert found(summary) == expected
+    assert expected["samples_by_label"]["matching_verbatim"] > 0 and expected["gallery"]  # a run with copies
+    # Past PLOT_POINTS samples the quantiles come from order statistics (nothing held), and past
+    # table_size prompts the page lists the highest scores: the numbers stay the same.
+    monkeypatch.setattr(baseline, "PLOT_POINTS", 5)
+    write_report(run, table_size=3)
+    large = json.loads((run / "report" / "summary.json").read_text())
+    quantiles = large["similarity"].pop("generated_to_train")
+    assert quantiles == pytest.approx(expected["generated_to_train"], rel=1e-12, abs=0)
+    summary["similarity"].pop("generated_to_train")
+    assert large == summary
+    page = (run / "report" / "index.html").read_text()
+    assert "Prompts (3 of 8)" in page and "The 3 highest scores; every prompt is in" in page
+
+
 def chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:

@@ -8,7 +8,9 @@ screen decided), each published atomically with its marker.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -37,6 +39,20 @@ from audit.lease import LeaseCheck
 from audit.store import RunStore
 
 log = logging.getLogger(__name__)
+
+
+def input_tables(cfg: AuditConfig) -> tuple[str, ...]:
+    """The tables a plan shard's detection reads: their shards' sha256 are among its ``inputs``."""
+    if cfg.reference.path:
+        return layout.SAMPLES, layout.EMBEDDINGS, layout.NEIGHBORS
+    return layout.SAMPLES, layout.EMBEDDINGS
+
+
+def settings_inputs(cfg: AuditConfig, thresholds: Thresholds) -> dict[str, str]:
+    """The settings every detection shard's ``inputs`` record besides its input shards: digests of
+    the ``detection`` section and of the thresholds applied (a change of either redoes detection)."""
+    section = json.dumps(cfg.detection.model_dump(mode="json"), sort_keys=True).encode()
+    return {"detection": hashlib.sha256(section).hexdigest()[:16], "thresholds": thresholds.digest()}
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,6 @@ from changed.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from functools import partial
 from pathlib import Path
@@ -26,7 +24,7 @@ from ray.exceptions import RayActorError
 from audit import layout
 from audit.config import AuditConfig
 from audit.detect.join import JoinStep, check_compatible, query_groups
-from audit.detect.detect_step import DetectStep, DetectTask
+from audit.detect.detect_step import DetectStep, DetectTask, input_tables, settings_inputs
 from audit.detect.thresholds import Thresholds
 from audit.pipeline.pool import WorkerPool, reason, run_tasks
 from audit.pipeline.ray_setup import cpu_actor_resources
@@ -155,12 +153,10 @@ def detect(store: RunStore, cfg: AuditConfig, names: list[str], sizes: dict[str,
     decisions' digest in ``escalation``; a plan shard without parts then holds only prompts the
     screen decided."""
     store.write_json(thresholds.to_json(), layout.THRESHOLDS_JSON)
-    extra = {"detection": hashlib.sha256(json.dumps(cfg.detection.model_dump(mode="json"), sort_keys=True)
-                                         .encode()).hexdigest()[:16], "thresholds": thresholds.digest()}
+    extra = settings_inputs(cfg, thresholds)
     if escalation is not None:
         extra["escalation"] = escalation
-    tables = (layout.SAMPLES, layout.EMBEDDINGS, layout.NEIGHBORS) if cfg.reference.path \
-        else (layout.SAMPLES, layout.EMBEDDINGS)
+    tables = input_tables(cfg)
     todo = []
     for name in names:
         shard_parts = (parts or {}).get(name, [name] if screened is None else [])

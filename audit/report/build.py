@@ -5,29 +5,20 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from audit.errors import InputError
 from audit.report import html as H
 from audit.report import plots
 from audit.report import screen as S
-from audit.report.baseline import generated_pairs, generated_to_train, train_to_train
-from audit.report.stats import LABELS, best_labels, summarise
-from audit.report.tables import (
-    complete_table,
-    escalation_table,
-    prompt_texts,
-    read_run,
-    require,
-    run_samples,
-    run_thresholds,
-)
+from audit.report.baseline import generated_pairs, generated_quantiles, generated_to_train, quantiles, train_to_train
+from audit.report.query import RunQuery
+from audit.report.stats import LABEL_RANK, LABELS, summarise
+from audit.report.tables import read_run, run_thresholds
 from audit import layout
 from audit.location import Location
 from audit.remote import push_tree
@@ -35,6 +26,7 @@ from audit.files import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 REPORT_DIR = layout.REPORT
+TABLE_ROWS = 1000  # prompts listed on the page, highest score first
 PROMPT_COLUMNS = (
     ("prompt", "prompt"), ("n_samples", "samples"), ("score", "score"), ("flagged", "flagged"),
     ("p_value", "p-value"), ("n_matching", "matching verbatim"), ("n_retrieved", "retrieved verbatim"),
@@ -44,40 +36,44 @@ PROMPT_COLUMNS = (
 )
 
 
-def write_report(run_path: str | Path | Location, gallery_size: int = 24, baseline_size: int = 2000) -> Location:
+def write_report(run_path: str | Path | Location, gallery_size: int = 24, baseline_size: int = 2000,
+                 table_size: int = TABLE_ROWS) -> Location:
     """Write the report of a run (re-written from the current tables on every call); an
-    object-store run's report is published to its ``report/`` prefix. Returns index.html's place."""
+    object-store run's report is published to its ``report/`` prefix. Returns index.html's place.
+    Every number is a DuckDB aggregate over the run's complete shards (:mod:`audit.report.query`);
+    the page lists the ``table_size`` highest-scoring prompts (all of them are in prompt_scores/)."""
     store, info = read_run(run_path)
-    scores = require(store, layout.PROMPT_SCORES)
-    escalation = escalation_table(store)  # None: the run was not screened
-    samples = run_samples(store, screened=escalation is not None)
-    matches = complete_table(store, layout.MATCHES)
-    neighbors = complete_table(store, layout.NEIGHBORS, ["sample_id", "rank", "row", "score"])
-    prompt_text = prompt_texts(store)
+    q = RunQuery(store)
+    if not q.has(layout.PROMPT_SCORES):
+        raise InputError(f"{store.path}: no complete {layout.PROMPT_SCORES}/ shards; run `memaudit run` on its config "
+                         "first (it resumes where it stopped)")
+    if not q.screened and not q.has(layout.SAMPLES):
+        raise InputError(f"{store.path}: no complete {layout.SAMPLES}/ shards; run `memaudit run` on its config "
+                         "first (it resumes where it stopped)")
     reference = _reference(info)
     out = store.path / REPORT_DIR
 
-    summary = summarise(scores, samples, matches)
+    summary = summarise(q)
     thresholds = run_thresholds(store, info)
-    generated = generated_to_train(neighbors)
+    top = generated_to_train(q)
     baseline = train_to_train(reference, baseline_size) if reference else np.zeros(0, np.float32)
     figures = {
-        "calibration": plots.calibration_histograms(_null(reference), generated_pairs(matches), thresholds,
+        "calibration": plots.calibration_histograms(_null(reference), generated_pairs(q, summary["samples"]), thresholds,
                                                     out / "calibration.png"),
-        "similarity": plots.similarity_histogram(generated, baseline, out / "similarity.png"),
-        "detectors": plots.detector_distributions(_audited(scores, escalation), out / "detectors.png",
-                                                  "Detector signals per " + ("prompt" if escalation is None
-                                                                             else "escalated prompt")),
+        "similarity": plots.similarity_histogram(top.drawn, baseline, out / "similarity.png", top.n),
+        "detectors": plots.detector_distributions(_audited(q), out / "detectors.png",
+                                                  "Detector signals per " + ("escalated prompt" if q.screened
+                                                                             else "prompt")),
     }
     screen: dict[str, Any] | None = None
-    if escalation is not None:
-        screen = S.funnel(escalation, scores, info)
-        figures["screen"] = plots.screen_histogram(
-            S.screen_scores(escalation), np.array(escalation.column("escalated").to_pylist(), bool),
-            S.flag_mask(escalation, scores), screen["settings"].get("threshold"), screen["top_cutoff"],
-            out / "screen.png")
-    pairs = _gallery(store, matches, reference, prompt_text, gallery_size)
-    rows = _prompt_rows(scores, prompt_text)
+    if q.screened:
+        screen = S.funnel(q, info)
+        points = S.screen_points(q)
+        figures["screen"] = plots.screen_histogram(points["score"], points["escalated"], points["flagged"],
+                                                   screen["settings"].get("threshold"), screen["top_cutoff"],
+                                                   out / "screen.png")
+    pairs = _gallery(q, reference, gallery_size)
+    rows, flagged = _prompt_rows(q, table_size)
     summary.update({
         "run": {k: info.get(k) for k in ("run_id", "model_name", "checkpoint_id", "created_at")},
         "run_path": store.full_location,
@@ -86,11 +82,11 @@ def write_report(run_path: str | Path | Location, gallery_size: int = 24, baseli
         "expected_false": {"matching_verbatim": thresholds["verbatim_rate"],
                            "retrieved_verbatim": thresholds["verbatim_rate"],
                            "template_verbatim": thresholds["template_rate"]},
-        "similarity": {"generated_to_train": _quantiles(generated), "train_to_train": _quantiles(baseline)},
+        "similarity": {"generated_to_train": generated_quantiles(q, top),
+                       "train_to_train": quantiles(baseline)},
         "plots": {name: path.name for name, path in figures.items()},
         "gallery": [{k: v for k, v in p.items() if not k.endswith("_uri")} for p in pairs],
-        "flagged": [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "score": r["score"]}
-                    for r in rows if r["flagged"]],
+        "flagged": [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "score": r["score"]} for r in flagged],
     })
     if screen is not None:  # a run without a screen keeps exactly its former summary
         summary["screen"] = screen
@@ -121,58 +117,60 @@ def _null(reference: Path | None) -> Any:
     return read_null(reference) if reference is not None else None
 
 
-def _quantiles(values: np.ndarray) -> dict[str, float] | None:
-    if values.size == 0:
-        return None
-    q = np.quantile(values, [0.5, 0.9, 0.99, 1.0])
-    return {"n": int(values.size), "median": float(q[0]), "p90": float(q[1]), "p99": float(q[2]), "max": float(q[3])}
+# The page's order: score, then (ties: every prompt a screen decided scores 0) the higher screen
+# score, then the id.
+PROMPT_ORDER = "score desc, case when isfinite(screen_score) then screen_score end desc nulls last, prompt_id"
 
 
-def _prompt_rows(scores: pa.Table, prompt_text: dict[str, str]) -> list[dict[str, Any]]:
-    rows = scores.to_pylist()
-    for r in rows:
-        r["prompt"] = prompt_text.get(r["prompt_id"], "")
-        r["flagged"] = bool(r["flagged"])
-    # Ties (every prompt a screen decided scores 0) go to the higher screen score, then the id.
-    rows.sort(key=lambda r: (-float(r["score"]), _descending(r.get("screen_score")), r["prompt_id"]))
-    return rows
+def _prompt_rows(q: RunQuery, limit: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The prompts the page lists (the first ``limit`` in its order) and every flagged prompt, in
+    its order, with their texts. Each is a top-N over prompt_scores/ joined to its texts
+    afterwards (a window over every row would hold them all)."""
+
+    def ordered(where: str, top: str) -> list[dict[str, Any]]:
+        rows = q.arrow(f"""select s.*, coalesce(p.prompt, '') as prompt
+                           from (select * exclude (filename, file_row_number) from {{prompt_scores}} {where}
+                                 order by {PROMPT_ORDER} {top}) s
+                           left join {{prompts}} p using (prompt_id) order by {PROMPT_ORDER}""").to_pylist()
+        for r in rows:
+            r["flagged"] = bool(r["flagged"])
+        return rows
+
+    return ordered("", f"limit {int(limit)}"), ordered("where flagged", "")
 
 
-def _descending(value: float | None) -> float:
-    return -float(value) if value is not None and math.isfinite(value) else math.inf
-
-
-def _audited(scores: pa.Table, escalation: pa.Table | None) -> pa.Table:
+def _audited(q: RunQuery) -> pa.Table:
     """The prompts the full audit scored: in a screened run the escalated ones (the others have
-    no samples, so no detector signal), else every prompt."""
-    if escalation is None:
-        return scores
-    return scores.filter(pc.fill_null(scores.column("escalated"), False))
+    no samples, so no detector signal), else every prompt — the detector plot's columns only."""
+    columns = ", ".join(["flagged", "n_samples", "clique_size"] + [n for n, _ in plots.SIGNALS if n != "clique_fraction"])
+    where = "where coalesce(escalated, false)" if q.screened else ""
+    return q.arrow(f"select {columns} from {{prompt_scores}} {where}")
 
 
-def _gallery(store: Any, matches: pa.Table | None, reference: Path | None, prompt_text: dict[str, str],
-             size: int) -> list[dict[str, Any]]:
+def _gallery(q: RunQuery, reference: Path | None, size: int) -> list[dict[str, Any]]:
     """The strongest verified pair of each prompt (so one prompt's many copies, or copies of
     duplicated training items, do not fill it): label (matching > retrieved > template), then the
-    lowest tiled L2."""
-    if matches is None or matches.num_rows == 0 or size <= 0:
+    lowest tiled L2, then the first in table order. Only pairs with a copy label take part: a
+    sample that has one has it as its strongest label (they outrank low information)."""
+    if size <= 0 or not q.has(layout.MATCHES):
         return []
-    best = best_labels(matches)
-    order = {label: i for i, label in enumerate(LABELS)}
-    chosen: dict[str, dict[str, Any]] = {}
-    for m in matches.filter(pc.equal(matches.column("status"), "ok")).to_pylist():
-        if m["label"] in order and best.get(m["sample_id"]) == m["label"]:
-            pair = m["prompt_id"]
-            current = chosen.get(pair)
-            if current is None or order[m["label"]] < order[current["label"]] or (
-                    m["label"] == current["label"] and m["tiled_l2"] < current["tiled_l2"]):
-                chosen[pair] = m
-    top = sorted(chosen.values(), key=lambda m: (order[m["label"]], m["tiled_l2"], m["sample_id"]))[:size]
+    copied = ", ".join(f"'{label}'" for label in LABELS)
+    top = q.arrow(f"""
+        with copies as (select *, {LABEL_RANK} as strength from {{matches}}
+                        where status = 'ok' and label in ({copied})),
+             best as (select sample_id, max(strength) as strength from copies group by sample_id),
+             chosen as (select c.* from copies c join best b using (sample_id, strength)
+                        qualify row_number() over (partition by c.prompt_id
+                                                   order by c.strength desc, c.tiled_l2, c.filename, c.file_row_number) = 1)
+        select * exclude (filename, file_row_number, strength) from chosen
+        order by strength desc, tiled_l2, sample_id limit {int(size)}""").to_pylist()
     if not top:
         return []
-    images = complete_table(store, layout.SAMPLES, ["sample_id", "image_png"], [m["sample_id"] for m in top])
-    generated = dict(zip(images.column("sample_id").to_pylist(), images.column("image_png").to_pylist())) \
-        if images is not None else {}
+    images = q.rows("select sample_id, image_png from {samples} where sample_id in (select unnest(?))",
+                    [[m["sample_id"] for m in top]])
+    generated = dict(images)
+    prompt_text = dict(q.rows("select prompt_id, prompt from {prompts} where prompt_id in (select unnest(?))",
+                              [[m["prompt_id"] for m in top]]))
     ref_images: dict[int, tuple[str | None, str | None, bytes | None]] = {}
     if reference is not None:
         from audit.reference.images import ReferenceImages
@@ -207,7 +205,8 @@ def _document(info: dict[str, Any], summary: dict[str, Any], pairs: list[dict[st
         plots={name: uri for name, uri in plot_uris.items() if name != "screen"},
         screen=None if screen is None else {"cards": S.funnel_cards(screen), "note": S.settings_note(screen),
                                             "plot": plot_uris["screen"]},
-        prompts=H.sortable_table("prompts", columns, rows, row_class="flagged", gaps=screen is not None))
+        prompts=H.sortable_table("prompts", columns, rows, row_class="flagged", gaps=screen is not None),
+        prompts_total=summary["prompts"])
 
 
 def _cards(summary: dict[str, Any]) -> list[dict[str, Any]]:

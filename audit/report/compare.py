@@ -5,56 +5,39 @@ release gate."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 
 from audit.report import html as H
 from audit.report import screen as S
+from audit.report.query import RunQuery, connect
 from audit.report.stats import LABELS, summarise
 from audit.errors import InputError
-from audit.report.tables import (
-    complete_table,
-    escalation_table,
-    prompt_texts,
-    read_run,
-    require,
-    run_samples,
-    run_thresholds,
-)
+from audit.report.tables import read_run, run_thresholds
 from audit import layout
 from audit.location import Location
 from audit.remote import push_tree
 from audit.files import write_bytes_atomic
 
 SETTINGS = ("generation", "detection", "embedding")
+SCREEN_ROWS = 1000  # prompts the comparison's screen table lists, highest screen score first
 
 
-def _load(path: str | Path) -> dict[str, Any]:
+def _load(path: str | Path, con: Any, prefix: str) -> dict[str, Any]:
+    """One side of the comparison: its views (named ``prefix`` + table) on the shared DuckDB
+    connection, its summary, thresholds and funnel."""
     store, info = read_run(path)
-    scores = require(store, layout.PROMPT_SCORES)
-    escalation = escalation_table(store)  # None: not screened
-    samples = run_samples(store, screened=escalation is not None)
+    q = RunQuery(store, con, prefix)
+    if not q.has(layout.PROMPT_SCORES):
+        raise InputError(f"{store.path}: no complete {layout.PROMPT_SCORES}/ shards; run `memaudit run` on its config "
+                         "first (it resumes where it stopped)")
     return {
-        "info": info, "path": store.full_location,
-        "summary": summarise(scores, samples, complete_table(store, layout.MATCHES)),
-        "flags": dict(zip(scores.column("prompt_id").to_pylist(), (bool(f) for f in scores.column("flagged").to_pylist()))),
-        "score": dict(zip(scores.column("prompt_id").to_pylist(), scores.column("score").to_pylist())),
-        "text": prompt_texts(store),
+        "info": info, "path": store.full_location, "query": q,
+        "summary": summarise(q),
         "thresholds": run_thresholds(store, info),
-        "screen": S.funnel(escalation, scores, info) if escalation is not None else None,
-        "screen_score": _by_prompt(escalation, "screen_score"),
-        "escalated": _by_prompt(escalation, "escalated"),
+        "screen": S.funnel(q, info) if q.screened else None,
     }
-
-
-def _by_prompt(escalation: pa.Table | None, column: str) -> dict[str, Any]:
-    """prompt_id -> one column of the screen's decisions (empty for a run without a screen)."""
-    if escalation is None:
-        return {}
-    return dict(zip(escalation.column("prompt_id").to_pylist(), escalation.column(column).to_pylist()))
 
 
 def threshold_identity(thresholds: dict[str, Any]) -> dict[str, Any]:
@@ -68,63 +51,84 @@ def threshold_identity(thresholds: dict[str, Any]) -> dict[str, Any]:
             if calibration else None}
 
 
-def compare_runs(path_a: str | Path, path_b: str | Path, allow_different_thresholds: bool = False) -> dict[str, Any]:
+def compare_runs(path_a: str | Path, path_b: str | Path, allow_different_thresholds: bool = False,
+                 screen_rows: int = SCREEN_ROWS) -> dict[str, Any]:
     """What changed from run A to run B; refused (InputError) when their verdicts come from
-    different thresholds or calibrations, unless ``allow_different_thresholds``."""
-    a, b = _load(path_a), _load(path_b)
+    different thresholds or calibrations, unless ``allow_different_thresholds``. Prompts are
+    matched by DuckDB joins over both runs' shards; the lists hold the flagged prompts, the screen
+    table the ``screen_rows`` highest screen scores."""
+    con = connect()
+    a, b = _load(path_a, con, "a_"), _load(path_b, con, "b_")
     ida, idb = threshold_identity(a["thresholds"]), threshold_identity(b["thresholds"])
     if ida != idb and not allow_different_thresholds:
         differing = ", ".join(f"{k}: {ida.get(k)} vs {idb.get(k)}" for k in ida if ida.get(k) != idb.get(k))
         raise InputError(f"{a['path']} and {b['path']} were detected with different thresholds ({differing}); their "
                          "rates do not compare. Audit both against the same calibrated reference, or pass "
                          "--allow-different-calibration to compare anyway")
-    common = sorted(set(a["flags"]) & set(b["flags"]))
+    q = a["query"]
+    common, only_a, only_b = (int(v or 0) for v in q.one("""
+        select count(*) filter (where sa.prompt_id is not null and sb.prompt_id is not null),
+               count(*) filter (where sb.prompt_id is null), count(*) filter (where sa.prompt_id is null)
+        from a_prompt_scores sa full outer join b_prompt_scores sb using (prompt_id)"""))
     screened = a["screen"] is not None or b["screen"] is not None
-
-    def listed(ids: list[str]) -> list[dict[str, Any]]:
-        return [{"prompt_id": p, "prompt": b["text"].get(p) or a["text"].get(p, ""),
-                 "score_a": a["score"][p], "score_b": b["score"][p],
-                 **({"screen_score_a": a["screen_score"].get(p), "screen_score_b": b["screen_score"].get(p)}
-                    if screened else {})} for p in ids]
-
-    new = [p for p in common if b["flags"][p] and not a["flags"][p]]
-    gone = [p for p in common if a["flags"][p] and not b["flags"][p]]
-    both = [p for p in common if a["flags"][p] and b["flags"][p]]
     rates = {"flagged_prompts": _delta(a["summary"]["flagged_prompts"], b["summary"]["flagged_prompts"])}
     for label in LABELS:
         rates[f"samples_{label}"] = _delta(a["summary"]["samples_by_label"][label], b["summary"]["samples_by_label"][label])
     result = {
         "a": _meta(a), "b": _meta(b),
-        "common_prompts": len(common),
-        "only_in_a": len(set(a["flags"]) - set(b["flags"])),
-        "only_in_b": len(set(b["flags"]) - set(a["flags"])),
+        "common_prompts": common,
+        "only_in_a": only_a,
+        "only_in_b": only_b,
         "rates": rates,
-        "newly_memorized": listed(new),
-        "no_longer_memorized": listed(gone),
-        "still_memorized": listed(both),
+        "newly_memorized": _listed(q, "sb.flagged and not sa.flagged", screened),
+        "no_longer_memorized": _listed(q, "sa.flagged and not sb.flagged", screened),
+        "still_memorized": _listed(q, "sa.flagged and sb.flagged", screened),
         "settings_differences": _differences(a["info"]["config"], b["info"]["config"]),
         "thresholds": {"a": ida, "b": idb, "same": ida == idb},
     }
     if screened:  # two runs without a screen compare exactly as before
-        result["screen"] = {"a": a["screen"], "b": b["screen"], "prompts": _screen_prompts(a, b)}
+        total, rows = _screen_prompts(q, screen_rows)
+        result["screen"] = {"a": a["screen"], "b": b["screen"], "prompts": rows}
+        if total > len(rows):
+            result["screen"]["prompts_total"] = total
     return result
 
 
-def _screen_prompts(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every prompt of either run with its screen score, escalation and flag in A and in B (None
-    where that run did not screen or score it), highest screen score first."""
-    ids = set(a["flags"]) | set(b["flags"]) | set(a["screen_score"]) | set(b["screen_score"])
-    rows = []
-    for p in ids:
-        sa, sb = a["screen_score"].get(p), b["screen_score"].get(p)
-        rows.append({"prompt_id": p, "prompt": b["text"].get(p) or a["text"].get(p, ""),
-                     "screen_score_a": sa, "screen_score_b": sb,
-                     "screen_score_delta": sb - sa if sa is not None and sb is not None else None,
-                     "escalated_a": a["escalated"].get(p), "escalated_b": b["escalated"].get(p),
-                     "flagged_a": a["flags"].get(p), "flagged_b": b["flags"].get(p)})
-    rows.sort(key=lambda r: (-max((v for v in (r["screen_score_a"], r["screen_score_b"]) if v is not None),
-                                  default=-math.inf), r["prompt_id"]))
-    return rows
+# Either run's prompt text (B's first), joined to one of the comparison's queries.
+_TEXT = """left join b_prompts pb using (prompt_id) left join a_prompts pa using (prompt_id)"""
+_TEXT_COLUMN = "coalesce(nullif(pb.prompt, ''), pa.prompt, '') as prompt"
+
+
+def _listed(q: RunQuery, condition: str, screened: bool) -> list[dict[str, Any]]:
+    """The prompts both runs scored that meet ``condition`` (on ``sa``/``sb``, their score rows),
+    by id, with both scores (and both screen scores when a run was screened)."""
+    screen = (", cast(ea.screen_score as double) as screen_score_a, cast(eb.screen_score as double) as screen_score_b"
+              if screened else "")
+    return q.arrow(f"""
+        select prompt_id, {_TEXT_COLUMN}, cast(sa.score as double) as score_a, cast(sb.score as double) as score_b{screen}
+        from a_prompt_scores sa join b_prompt_scores sb using (prompt_id) {_TEXT}
+             left join a_escalation ea using (prompt_id) left join b_escalation eb using (prompt_id)
+        where {condition} order by prompt_id""").to_pylist()
+
+
+def _screen_prompts(q: RunQuery, limit: int) -> tuple[int, list[dict[str, Any]]]:
+    """How many prompts either run screened or scored, and the first ``limit`` of them with their
+    screen score, escalation and flag in A and in B (None where that run did not screen or score
+    it), highest screen score first."""
+    ids = """select prompt_id from a_prompt_scores union select prompt_id from b_prompt_scores
+             union select prompt_id from a_escalation union select prompt_id from b_escalation"""
+    (total,) = q.one(f"select count(*) from ({ids})")
+    rows = q.arrow(f"""
+        select prompt_id, {_TEXT_COLUMN},
+               cast(ea.screen_score as double) as screen_score_a, cast(eb.screen_score as double) as screen_score_b,
+               cast(eb.screen_score as double) - cast(ea.screen_score as double) as screen_score_delta,
+               ea.escalated as escalated_a, eb.escalated as escalated_b, sa.flagged as flagged_a, sb.flagged as flagged_b
+        from ({ids}) {_TEXT}
+             left join a_escalation ea using (prompt_id) left join b_escalation eb using (prompt_id)
+             left join a_prompt_scores sa using (prompt_id) left join b_prompt_scores sb using (prompt_id)
+        order by greatest(ea.screen_score, eb.screen_score) desc nulls last, prompt_id
+        limit {int(limit)}""").to_pylist()
+    return int(total), rows
 
 
 def gate(result: dict[str, Any], fail_if_new: bool, max_rate_increase: float | None) -> list[str]:

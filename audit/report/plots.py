@@ -18,13 +18,16 @@ from audit.files import atomic_file  # noqa: E402
 DPI = 110
 
 
-def similarity_histogram(generated: np.ndarray, baseline: np.ndarray, out: Path) -> Path:
+def similarity_histogram(generated: np.ndarray, baseline: np.ndarray, out: Path, n_generated: int | None = None) -> Path:
+    """Densities of generated → train and train → train similarity; ``n_generated`` is how many
+    samples ``generated`` was drawn from when it holds a sample of them."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    shown = generated.size if n_generated in (None, generated.size) else f"{n_generated}, {generated.size} drawn"
     bins = np.linspace(min([0.0, *(float(a.min()) for a in (generated, baseline) if a.size)]), 1.0, 41)
     if baseline.size:
         ax.hist(baseline, bins=bins, density=True, alpha=0.55, label=f"train → train (n={baseline.size})", color="#7f7f7f")
     if generated.size:
-        ax.hist(generated, bins=bins, density=True, alpha=0.55, label=f"generated → train (n={generated.size})",
+        ax.hist(generated, bins=bins, density=True, alpha=0.55, label=f"generated → train (n={shown})",
                 color="#d62728")
     ax.set_xlabel("similarity to the nearest training item (cosine)")
     ax.set_ylabel("density")

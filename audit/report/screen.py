@@ -2,18 +2,17 @@
 escalated → flagged, each a rate with its 95% Wilson interval, and each prompt's screen columns.
 
 Everything here reads ``escalation/escalation.parquet`` (the screen's decisions) beside
-``prompt_scores/`` (the full audit's flags); a run without the file was not screened and gets no
-screen section at all.
+``prompt_scores/`` (the full audit's flags), joined by DuckDB (:mod:`audit.report.query`); a run
+without the file was not screened and gets no screen section at all.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
+from audit.report.query import RunQuery
 from audit.report.stats import rate
 from audit.screen.escalate import top_count
 
@@ -24,45 +23,44 @@ SCREEN_COLUMNS = (
 )
 
 
-def screen_scores(escalation: pa.Table) -> np.ndarray:
-    """Each screened prompt's screen_score, NaN where the screen could not measure it."""
-    return np.array([np.nan if v is None else v for v in escalation.column("screen_score").to_pylist()], np.float64)
+def screen_points(q: RunQuery) -> dict[str, np.ndarray]:
+    """Per screened prompt: its screen_score (NaN where the screen could not measure it), whether
+    it was escalated and whether the full audit flagged it (False without a complete
+    prompt_scores row) — the screen plot's points, as arrays."""
+    found = q.numpy("""select cast(e.screen_score as double) as score, e.escalated,
+                              coalesce(s.flagged, false) as flagged
+                       from {escalation} e left join {prompt_scores} s using (prompt_id)""")
+    score = found["score"].astype(np.float64)
+    return {"score": score, "escalated": found["escalated"].astype(bool), "flagged": found["flagged"].astype(bool)}
 
 
-def flag_mask(escalation: pa.Table, scores: pa.Table) -> np.ndarray:
-    """Per row of ``escalation``: whether the full audit flagged the prompt (False when it has no
-    complete prompt_scores row)."""
-    flags = dict(zip(scores.column("prompt_id").to_pylist(), scores.column("flagged").to_pylist()))
-    return np.array([bool(flags.get(pid)) for pid in escalation.column("prompt_id").to_pylist()], bool)
-
-
-def funnel(escalation: pa.Table, scores: pa.Table, info: dict[str, Any]) -> dict[str, Any]:
+def funnel(q: RunQuery, info: dict[str, Any]) -> dict[str, Any]:
     """summary.json's ``screen``: the settings (run.json ``config.screen``), the funnel and the
     escalation reasons. ``screened`` is a share of the planned prompts, ``escalated`` of the
     screened ones, ``flagged`` of the escalated ones that detection scored."""
     settings = info["config"].get("screen") or {}
-    ids = escalation.column("prompt_id").to_pylist()
-    escalated = np.array(escalation.column("escalated").to_pylist(), bool)
-    scored = set(scores.column("prompt_id").to_pylist())
-    audited = escalated & np.array([pid in scored for pid in ids], bool)
-    flagged = int((flag_mask(escalation, scores) & audited).sum())
-    score = screen_scores(escalation)
-    reasons = Counter(r for r in escalation.column("escalation").to_pylist() if r)
-    top = top_count(settings.get("top"), len(ids))
-    by_top = [s for s, r in zip(score, escalation.column("escalation").to_pylist())
-              if r and "top" in r.split("+") and np.isfinite(s)]
-    planned = int(info.get("prompts", {}).get("n_prompts") or len(ids))
+    screened, measured, escalated, audited, flagged = (int(v or 0) for v in q.one("""
+        select count(*), count(*) filter (where isfinite(e.screen_score)), count(*) filter (where e.escalated),
+               count(*) filter (where e.escalated and s.prompt_id is not null),
+               count(*) filter (where e.escalated and s.prompt_id is not null and s.flagged)
+        from {escalation} e left join {prompt_scores} s using (prompt_id)"""))
+    reasons = dict(q.rows("""select escalation, count(*) from {escalation} where escalation <> ''
+                            group by escalation order by escalation"""))
+    (cutoff,) = q.one("""select min(screen_score) from {escalation}
+                         where list_contains(string_split(escalation, '+'), 'top') and isfinite(screen_score)""")
+    top = top_count(settings.get("top"), screened)
+    planned = int(info.get("prompts", {}).get("n_prompts") or screened)
     return {
         "settings": settings,
-        "screened": rate(len(ids), planned),
-        "measured": rate(int(np.isfinite(score).sum()), len(ids)),
-        "escalated": rate(int(escalated.sum()), len(ids)),
-        "flagged": rate(flagged, int(audited.sum())),
-        "flagged_of_screened": rate(flagged, len(ids)),
-        "escalated_not_scored": int(escalated.sum() - audited.sum()),
-        "by_reason": dict(sorted(reasons.items())),
+        "screened": rate(screened, planned),
+        "measured": rate(measured, screened),
+        "escalated": rate(escalated, screened),
+        "flagged": rate(flagged, audited),
+        "flagged_of_screened": rate(flagged, screened),
+        "escalated_not_scored": escalated - audited,
+        "by_reason": {str(k): int(v) for k, v in reasons.items()},
         "top_count": top,
-        "top_cutoff": float(min(by_top)) if by_top else None,
+        "top_cutoff": float(cutoff) if cutoff is not None else None,
     }
 
 

@@ -1,14 +1,15 @@
-"""The report's numbers: rates with Wilson score intervals, per-label counts, headline summary."""
+"""The report's numbers: rates with Wilson score intervals, per-label counts, headline summary
+(aggregated by DuckDB, :mod:`audit.report.query`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 from scipy.stats import binomtest, norm
 
 from audit.detect.verify import LABEL_ORDER, LOW_INFORMATION
+from audit.report.query import RunQuery
 
 LABELS = ("matching_verbatim", "retrieved_verbatim", "template_verbatim")  # the copy labels, strongest first
 Z95 = 1.959963984540054
@@ -42,27 +43,38 @@ def best_labels(matches: pa.Table | None) -> dict[str, str]:
     return best
 
 
-def summarise(scores: pa.Table, samples_status: pa.Table, matches: pa.Table | None) -> dict[str, Any]:
+LABEL_RANK = "case label " + " ".join(f"when '{label}' then {rank}" for label, rank in LABEL_ORDER.items()) \
+    + " else 0 end"  # SQL: a label's strength, as LABEL_ORDER
+
+
+def best_label_counts(q: RunQuery) -> dict[str, tuple[int, int]]:
+    """Per label: how many samples have it as their strongest verified label, and of how many
+    prompts (one DuckDB aggregate over matches/, :func:`best_labels` at scale)."""
+    rows = q.rows(f"""
+        with ranked as (select sample_id, prompt_id, label, {LABEL_RANK} as strength from {{matches}}
+                        where status = 'ok'),
+             best as (select sample_id, arg_max(label, strength) as label, any_value(prompt_id) as prompt_id
+                      from ranked where strength > 0 group by sample_id)
+        select label, count(*), count(distinct prompt_id) from best group by label""")
+    return {label: (int(samples), int(prompts)) for label, samples, prompts in rows}
+
+
+def summarise(q: RunQuery) -> dict[str, Any]:
     """Headline numbers: prompts, samples, flagged prompts, samples and prompts by best verified
-    label, each as a rate with its 95% Wilson interval."""
-    n_prompts = scores.num_rows
-    flagged = int(np.sum(scores.column("flagged").to_numpy(zero_copy_only=False)))
-    status = samples_status.column("status").to_pylist()
-    n_ok = sum(s == "ok" for s in status)
-    labels = best_labels(matches)
-    by_label = {label: sum(v == label for v in labels.values()) for label in LABELS}
-    prompt_of = dict(zip(matches.column("sample_id").to_pylist(), matches.column("prompt_id").to_pylist())) \
-        if matches is not None else {}
-    prompts_by_label = {label: len({prompt_of[s] for s, v in labels.items() if v == label}) for label in LABELS}
+    label, each as a rate with its 95% Wilson interval; counted by DuckDB over the run's shards."""
+    n_prompts, flagged = q.one("select count(*), count(*) filter (where flagged) from {prompt_scores}")
+    n_samples, n_ok = q.one("select count(*), count(*) filter (where status = 'ok') from {samples}")
+    labels = best_label_counts(q)
+    copied = ", ".join(f"'{label}'" for label in LABELS)
+    (pairs,) = q.one(f"select count(*) from {{matches}} where label in ({copied})")
     return {
-        "prompts": n_prompts,
-        "samples": len(status),
-        "samples_ok": n_ok,
-        "samples_error": len(status) - n_ok,
-        "flagged_prompts": rate(flagged, n_prompts),
-        "samples_by_label": {label: rate(by_label[label], n_ok) for label in LABELS},
-        "prompts_by_label": {label: rate(prompts_by_label[label], n_prompts) for label in LABELS},
-        "samples_low_information": rate(sum(v == LOW_INFORMATION for v in labels.values()), n_ok),
-        "verified_pairs": int(sum(1 for v in (matches.column("label").to_pylist() if matches is not None else [])
-                                  if v in LABELS)),
+        "prompts": int(n_prompts),
+        "samples": int(n_samples),
+        "samples_ok": int(n_ok),
+        "samples_error": int(n_samples - n_ok),
+        "flagged_prompts": rate(int(flagged), int(n_prompts)),
+        "samples_by_label": {label: rate(labels.get(label, (0, 0))[0], int(n_ok)) for label in LABELS},
+        "prompts_by_label": {label: rate(labels.get(label, (0, 0))[1], int(n_prompts)) for label in LABELS},
+        "samples_low_information": rate(labels.get(LOW_INFORMATION, (0, 0))[0], int(n_ok)),
+        "verified_pairs": int(pairs),
     }
