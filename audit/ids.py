@@ -12,6 +12,10 @@ import hashlib
 import re
 import unicodedata
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 PROMPT_ID_HEX = 16
 MAX_SAMPLES_PER_PROMPT = 100_000  # sample_idx is written with five digits
 _WHITESPACE = re.compile(r"\s+")
@@ -34,6 +38,15 @@ def sample_id(prompt_hash: str, sample_idx: int) -> str:
     if not 0 <= sample_idx < MAX_SAMPLES_PER_PROMPT:
         raise ValueError(f"sample_idx {sample_idx} outside [0, {MAX_SAMPLES_PER_PROMPT})")
     return f"{prompt_hash}-{sample_idx:05d}"
+
+
+def sample_id_array(prompt_ids: pa.Array, sample_idx: np.ndarray) -> pa.Array:
+    """:func:`sample_id` of each (prompt id, sample index) pair, as one Arrow array built by
+    string kernels (no Python object per sample)."""
+    if len(sample_idx) and not (0 <= int(sample_idx.min()) and int(sample_idx.max()) < MAX_SAMPLES_PER_PROMPT):
+        raise ValueError(f"sample_idx outside [0, {MAX_SAMPLES_PER_PROMPT})")
+    digits = pc.utf8_lpad(pc.cast(pa.array(sample_idx), pa.string()), width=5, padding="0")
+    return pc.binary_join_element_wise(prompt_ids, digits, "-")
 
 
 def sample_seed(run_seed: int, prompt_hash: str, sample_idx: int) -> int:

@@ -3,7 +3,7 @@
 The prompts table is read in record batches, never whole: each batch carries the masks of the
 screen's escalated prompts and of every round's "continue" decisions, and batches are cut into plan
 shards along the ``shard`` column. A shard's planned sample ids are built as one Arrow array from
-its prompts and sample range (``{prompt_id}-{sample_idx:05d}``, :func:`audit.ids.sample_id`), so
+its prompts and sample range (:func:`audit.ids.sample_id_array`), so
 memory is bounded by one shard's rows plus the Arrow arrays of the escalated and continued prompt
 ids, never a Python object per planned sample.
 """
@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from audit.ids import shard_name
+from audit.ids import sample_id_array, shard_name
 from audit.plan import round_shard_name
 
 BATCH_ROWS = 65_536  # prompts read per record batch
@@ -44,9 +44,7 @@ class SampleRange:
         if count <= 0 or len(self.prompt_ids) == 0:
             return pa.array([], pa.string())
         prompts = self.prompt_ids.take(pa.array(np.repeat(np.arange(len(self.prompt_ids)), count)))
-        idx = pa.array(np.tile(np.arange(self.first, self.end), len(self.prompt_ids)))
-        digits = pc.utf8_lpad(pc.cast(idx, pa.string()), width=5, padding="0")
-        return pc.binary_join_element_wise(prompts, digits, "-")
+        return sample_id_array(prompts, np.tile(np.arange(self.first, self.end), len(self.prompt_ids)))
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ import yaml
 
 from audit import layout
 from audit.files import LEASE_FILE
-from audit.ids import prompt_id, sample_seed, shard_name
+from audit.ids import prompt_id, sample_id_array, sample_seed, shard_name
 from audit.lease import LeaseCheck
 from audit.location import Location
 from audit.schema import MATCHES, PROMPT_SCORES, PROMPTS, SAMPLES, SAMPLES_COMPRESSION, STATUS_OK
@@ -308,11 +308,10 @@ def plant(rows: Rows, problem: str | None, samples_per_prompt: int) -> Rows:
     raise ValueError(f"unknown planted problem {problem!r}")
 
 
-def sample_ids(prompt_ids: pa.Array, rows: Rows, samples_per_prompt: int) -> tuple[pa.Array, pa.Array]:
-    """(sample_id, prompt_id) per row: ``{prompt_id}-{sample_idx:05d}`` by Arrow string kernels."""
-    digits = pa.array([f"{i:05d}" for i in range(samples_per_prompt + 1)], pa.string())
+def sample_ids(prompt_ids: pa.Array, rows: Rows) -> tuple[pa.Array, pa.Array]:
+    """(sample_id, prompt_id) per row (:func:`audit.ids.sample_id_array`)."""
     pids = prompt_ids.take(pa.array(rows.prompt_pos))
-    return pc.binary_join_element_wise(pids, digits.take(pa.array(rows.sample_idx)), "-"), pids
+    return sample_id_array(pids, rows.sample_idx), pids
 
 
 def expanded(table: pa.Table, offsets: np.ndarray, counts: np.ndarray, image: np.ndarray,
@@ -402,7 +401,7 @@ def write_shard(s: Settings, store: RunStore, join: Any, job: ShardJob) -> int:
 
     name, S = job.name, s.samples_per_prompt
     rows = plant(planned_rows(job.first, job.own, S), job.problem, S)
-    sids, pids = sample_ids(pa.array(job.prompt_ids, pa.string()), rows, S)
+    sids, pids = sample_ids(pa.array(job.prompt_ids, pa.string()), rows)
     samples, noise = samples_table(s, job, rows, sids, pids)
     _publish(store, layout.SAMPLES, name, SAMPLES, samples, s.samples_extra, SAMPLES_COMPRESSION)
     # the embedding step's commit_fields (audit/embed/samples.py), after the samples marker it names
@@ -525,7 +524,7 @@ def _scratch_run(store: RunStore, settings: Settings, offsets: np.ndarray,
     rows = Rows(np.repeat(np.arange(len(pids)), S), np.tile(np.arange(S, dtype=np.int32), len(pids)),
                 np.concatenate(images))
     job = ShardJob(0, SCRATCH, 0, tuple(pids), tuple([-1] * len(offsets) + list(range(n_own))))
-    sids, prompt_col = sample_ids(pa.array(pids, pa.string()), rows, S)
+    sids, prompt_col = sample_ids(pa.array(pids, pa.string()), rows)
     samples, _ = samples_table(settings, job, rows, sids, prompt_col)
     _publish(store, layout.SAMPLES, SCRATCH, SAMPLES, samples, {}, SAMPLES_COMPRESSION)
     _publish(store, layout.EMBEDDINGS, SCRATCH, settings.embedding_schema,

@@ -44,12 +44,7 @@ def write_report(run_path: str | Path | Location, gallery_size: int = 24, baseli
     the page lists the ``table_size`` highest-scoring prompts (all of them are in prompt_scores/)."""
     store, info = read_run(run_path)
     q = RunQuery(store)
-    if not q.has(layout.PROMPT_SCORES):
-        raise InputError(f"{store.path}: no complete {layout.PROMPT_SCORES}/ shards; run `memaudit run` on its config "
-                         "first (it resumes where it stopped)")
-    if not q.screened and not q.has(layout.SAMPLES):
-        raise InputError(f"{store.path}: no complete {layout.SAMPLES}/ shards; run `memaudit run` on its config "
-                         "first (it resumes where it stopped)")
+    q.require_results()
     reference = _reference(info)
     out = store.path / REPORT_DIR
 

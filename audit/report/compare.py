@@ -29,9 +29,7 @@ def _load(path: str | Path, con: Any, prefix: str) -> dict[str, Any]:
     connection, its summary, thresholds and funnel."""
     store, info = read_run(path)
     q = RunQuery(store, con, prefix)
-    if not q.has(layout.PROMPT_SCORES):
-        raise InputError(f"{store.path}: no complete {layout.PROMPT_SCORES}/ shards; run `memaudit run` on its config "
-                         "first (it resumes where it stopped)")
+    q.require_results()
     return {
         "info": info, "path": store.full_location, "query": q,
         "summary": summarise(q),

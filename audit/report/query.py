@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from audit import layout, schema
+from audit.errors import InputError
 from audit.store import RunStore
 
 MEMORY_LIMIT = "256MB"  # DuckDB's buffer; past it, joins and aggregates spill to disk
@@ -72,6 +73,14 @@ class RunQuery:
     def has(self, table: str) -> bool:
         """Whether the table has a complete shard."""
         return self.counts.get(table, 0) > 0
+
+    def require_results(self) -> None:
+        """Refuse a run with nothing to report: no complete prompt_scores/ shard, or (a run
+        without a screen, which may escalate nothing) no complete samples/ shard."""
+        for table in (layout.PROMPT_SCORES, *(() if self.screened else (layout.SAMPLES,))):
+            if not self.has(table):
+                raise InputError(f"{self.store.path}: no complete {table}/ shards; run `memaudit run` on its config "
+                                 "first (it resumes where it stopped)")
 
     def _view(self, table: str, files: list[Path], every: bool) -> None:
         """A view over ``files``; a glob of the folder when they are all its files (DuckDB binds a
