@@ -68,11 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     show = commands.add_parser("config", help="validate a config and print it with every default")
     with_config(show)
 
-    from audit import cli_reference, cli_report, cli_watch
+    from audit import cli_reference, cli_report, cli_serve, cli_watch
 
     cli_reference.add_parser(commands, with_config)
     cli_report.add_parsers(commands)
     cli_watch.add_parser(commands, with_config)
+    cli_serve.add_parser(commands, with_config)
 
     testbed = commands.add_parser("testbed", help="the trained testbed and architectures for tests/benchmarks")
     actions = testbed.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -128,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "testbed":
             return _testbed(args)
+        if args.command == "serve":
+            from audit import cli_serve
+
+            return cli_serve.run(args)
         if args.command == "watch":
             from audit import cli_watch
 
@@ -307,14 +312,28 @@ def _print_screen(report: Any, escalation: dict[str, Any] | None) -> int:
 
 
 def _flagged(run_path: Path) -> tuple[int, int]:
+    """Flagged and scored prompts over the run's complete prompt_scores shards, one file's column
+    at a time (a dataset scan of 10⁴ files reads ahead hundreds of MB)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    folder = run_path / layout.PROMPT_SCORES
-    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-    if not files:
-        return 0, 0
-    flags = pq.read_table(folder, columns=["flagged"]).column("flagged").to_pylist()
-    return sum(bool(f) for f in flags), len(flags)
+    from audit.store import RunStore
+
+    store = RunStore(run_path)
+    folder = store.table_dir(layout.PROMPT_SCORES)
+    names = sorted(p.stem for p in folder.glob("*.parquet")) if folder.is_dir() else []
+
+    def count(name: str) -> tuple[int, int]:
+        if not store.is_complete(layout.PROMPT_SCORES, name):
+            return 0, 0
+        flags = pq.read_table(store.shard_path(layout.PROMPT_SCORES, name), columns=["flagged"]).column(0)
+        return int(pc.sum(pc.fill_null(flags, False)).as_py() or 0), len(flags)
+
+    with ThreadPoolExecutor(4) as pool:
+        counts = list(pool.map(count, names))
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
 def _totals(run_path: Path) -> dict[str, int]:

@@ -162,11 +162,11 @@ def encode_marker(marker: dict[str, Any]) -> bytes:
 
 def read_marker(path: Path) -> dict[str, Any] | None:
     """The marker at ``path``; None when it is missing or unreadable (the work is then redone)."""
-    if not path.is_file():
-        return None
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError:
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
         log.warning("%s: unreadable completion marker; the work will be redone", path)
         return None
 

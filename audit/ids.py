@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
@@ -43,10 +44,28 @@ def sample_id(prompt_hash: str, sample_idx: int) -> str:
 def sample_id_array(prompt_ids: pa.Array, sample_idx: np.ndarray) -> pa.Array:
     """:func:`sample_id` of each (prompt id, sample index) pair, as one Arrow array built by
     string kernels (no Python object per sample)."""
+    return pc.binary_join_element_wise(prompt_ids, _index_digits(sample_idx), "-")
+
+
+def sample_range_ids(prompt_ids: pa.Array, first: int, end: int) -> pa.Array:
+    """The ids of samples ``first`` … ``end - 1`` of each prompt, prompt by prompt (a shard's
+    planned samples), as :func:`sample_id_array`; the index digits are built once per shape."""
+    rows, digits = _range_layout(len(prompt_ids), first, end)
+    return pc.binary_join_element_wise(prompt_ids.take(rows), digits, "-")
+
+
+@lru_cache(maxsize=64)
+def _range_layout(n_prompts: int, first: int, end: int) -> tuple[pa.Array, pa.Array]:
+    """Which prompt each of a range's samples belongs to, and its index digits."""
+    count = max(end - first, 0)
+    return (pa.array(np.repeat(np.arange(n_prompts), count)),
+            _index_digits(np.tile(np.arange(first, first + count), n_prompts)))
+
+
+def _index_digits(sample_idx: np.ndarray) -> pa.Array:
     if len(sample_idx) and not (0 <= int(sample_idx.min()) and int(sample_idx.max()) < MAX_SAMPLES_PER_PROMPT):
         raise ValueError(f"sample_idx outside [0, {MAX_SAMPLES_PER_PROMPT})")
-    digits = pc.utf8_lpad(pc.cast(pa.array(sample_idx), pa.string()), width=5, padding="0")
-    return pc.binary_join_element_wise(prompt_ids, digits, "-")
+    return pc.utf8_lpad(pc.cast(pa.array(sample_idx), pa.string()), width=5, padding="0")
 
 
 def sample_seed(run_seed: int, prompt_hash: str, sample_idx: int) -> int:

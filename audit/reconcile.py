@@ -11,6 +11,8 @@ shard plus the anomalies, whatever the run's size.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,8 +41,10 @@ from audit.reconcile_plan import (
 from audit.store import RunStore
 
 ANOMALY_CAP = 1_000_000  # misplaced, missing or duplicated samples itemised before verify stops listing them
-READERS = 4  # threads reading and hashing shard files
+# threads reading and hashing shard files: one per core and one more for the waits (more only contend)
+READERS = max(2, min(8, (os.cpu_count() or 1) + 1))
 AHEAD = 8  # plan shards read ahead of the one being reconciled
+WHOLE_READ = 16 * 2**20  # shard files up to this size are read into memory once (hash, then parse)
 
 
 @dataclass
@@ -298,18 +302,24 @@ def _read_shard(store: RunStore, table: str, name: str) -> ShardRead:
                                "the next run)")
         return found
     where = f"{table}/{name}"
-    if not path.exists():
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
         found.problems.append(f"{where}: marker says complete but the file is missing")
         return found
-    if path.stat().st_size != marker.get("bytes"):
-        found.problems.append(f"{where}: {path.stat().st_size} bytes, its marker says {marker.get('bytes')}")
+    if size != marker.get("bytes"):
+        found.problems.append(f"{where}: {size} bytes, its marker says {marker.get('bytes')}")
         return found
-    if file_sha256(path) != marker.get("sha256"):
+    # A small file is read once, hashed and parsed from memory; a large one is hashed as a stream.
+    data = path.read_bytes() if size <= WHOLE_READ else None
+    if (file_sha256(path) if data is None else hashlib.sha256(data).hexdigest()) != marker.get("sha256"):
         found.problems.append(f"{where}: sha256 differs from its marker (the file changed after it was written)")
         return found
     try:
         by_prompt = table in (layout.PROMPT_SCORES, layout.SCREEN)
-        ids = pq.read_table(path, columns=["prompt_id"] if by_prompt else ["sample_id"]).column(0).combine_chunks()
+        source = path if data is None else pa.BufferReader(data)
+        ids = pq.ParquetFile(source).read(columns=["prompt_id"] if by_prompt else ["sample_id"],
+                                          use_threads=False).column(0).combine_chunks()  # already on a reader thread
     except Exception as exc:  # noqa: BLE001 - an unreadable file is a finding, not a crash
         found.problems.append(f"{where}: unreadable Parquet ({type(exc).__name__}: {exc})")
         return found

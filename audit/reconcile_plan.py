@@ -3,7 +3,7 @@
 The prompts table is read in record batches, never whole: each batch carries the masks of the
 screen's escalated prompts and of every round's "continue" decisions, and batches are cut into plan
 shards along the ``shard`` column. A shard's planned sample ids are built as one Arrow array from
-its prompts and sample range (:func:`audit.ids.sample_id_array`), so
+its prompts and sample range (:func:`audit.ids.sample_range_ids`), so
 memory is bounded by one shard's rows plus the Arrow arrays of the escalated and continued prompt
 ids, never a Python object per planned sample.
 """
@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from audit.ids import sample_id_array, shard_name
+from audit.ids import sample_range_ids, shard_name
 from audit.plan import round_shard_name
 
 BATCH_ROWS = 65_536  # prompts read per record batch
@@ -40,11 +40,9 @@ class SampleRange:
 
     def sample_ids(self) -> pa.Array:
         """The planned sample ids, prompt by prompt, sample by sample."""
-        count = self.end - self.first
-        if count <= 0 or len(self.prompt_ids) == 0:
+        if self.end <= self.first or len(self.prompt_ids) == 0:
             return pa.array([], pa.string())
-        prompts = self.prompt_ids.take(pa.array(np.repeat(np.arange(len(self.prompt_ids)), count)))
-        return sample_id_array(prompts, np.tile(np.arange(self.first, self.end), len(self.prompt_ids)))
+        return sample_range_ids(self.prompt_ids, self.first, self.end)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,14 @@ KUBERAY = json.loads((Path(__file__).parent / "data" / "kuberay_v1_subset.schema
 K8S_VERSION = "1.30"
 
 
+def cluster_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The RayCluster spec inside a RayCluster, RayJob, RayCronJob or RayService spec."""
+    return spec.get("rayClusterSpec", spec.get("rayClusterConfig",
+                                               spec.get("jobTemplate", {}).get("rayClusterSpec", spec)))
+
+
 def pod_templates(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    cluster = spec.get("rayClusterSpec", spec.get("jobTemplate", {}).get("rayClusterSpec", spec))
+    cluster = cluster_spec(spec)
     return [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster.get("workerGroupSpecs", [])]
 
 
@@ -31,7 +37,7 @@ def validate_pod_template(template: dict[str, Any]) -> None:
     kubernetes_validate.validate(wrapper, K8S_VERSION, strict=True)
 
 
-@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob-audit.yaml", "raycronjob-watch.yaml"])
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob-audit.yaml", "raycronjob-watch.yaml", "rayservice.yaml"])
 def test_kuberay_manifests_validate(name: str) -> None:
     manifest = yaml.safe_load((CLUSTER / "kuberay" / name).read_text())
     jsonschema.validate(manifest, KUBERAY[manifest["kind"]])
@@ -39,14 +45,33 @@ def test_kuberay_manifests_validate(name: str) -> None:
     assert len(templates) == 2
     for template in templates:
         validate_pod_template(template)
-    cluster = manifest["spec"].get("rayClusterSpec", manifest["spec"].get("jobTemplate", {}).get("rayClusterSpec",
-                                                                                                 manifest["spec"]))
+    cluster = cluster_spec(manifest["spec"])
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # the head does no work
     gpu = cluster["workerGroupSpecs"][0]
     assert gpu["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert cluster["enableInTreeAutoscaling"] and gpu["minReplicas"] < gpu["maxReplicas"]
     assert cluster["rayVersion"] == pin("ray")
+
+
+def test_the_rayservice_serves_the_check_application_with_a_valid_serve_config() -> None:
+    """serveConfigV2 against Ray Serve's own schema; its import path is memaudit serve's
+    application builder, with arguments it accepts."""
+    import inspect
+
+    from ray.serve.schema import ServeDeploySchema
+
+    from audit.pipeline import serve_app
+
+    manifest = yaml.safe_load((CLUSTER / "kuberay" / "rayservice.yaml").read_text())
+    config = ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    (app,) = config.applications
+    assert app.import_path == "audit.pipeline.serve_app:app_builder" and serve_app.app_builder
+    accepted = set(re.findall(r"\[?(\w+)=", inspect.getdoc(serve_app.app_builder) or ""))
+    assert set(app.args) <= accepted and "reference" in app.args, (set(app.args), accepted)
+    assert config.http_options.port == 8000
+    ports = [p["containerPort"] for p in pod_templates(manifest["spec"])[0]["spec"]["containers"][0]["ports"]]
+    assert 8000 in ports
 
 
 def test_jobs_rely_on_resume_and_finish() -> None:

@@ -30,11 +30,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("stage: screen", ("audit.screen",)),
     ("stage: reference", ("audit.reference",)),
     ("stage: detect", ("audit.detect",)),
+    ("stage: serve", ("audit.serve",)),
     ("runs, readers and tools", ("audit.runs", "audit.report", "audit.reconcile", "audit.reconcile_plan", "audit.watch_state",
                                  "audit.testbed.evaluate", "audit.testbed.card", "audit.testbed.package",
                                  "audit.testbed.lora_package")),
     ("ray wiring", ("audit.pipeline",)),
-    ("entry points", ("audit.cli", "audit.cli_reference", "audit.cli_report", "audit.cli_watch", "audit.watch")),
+    ("entry points", ("audit.cli", "audit.cli_reference", "audit.cli_report", "audit.cli_serve", "audit.cli_watch",
+                      "audit.watch")),
 ]
 RAY_LAYER = "ray wiring"
 

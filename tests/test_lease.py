@@ -107,16 +107,16 @@ def test_a_run_root_that_is_a_file_is_bad_input(tmp_path: Path) -> None:
 def test_a_bucket_lease_is_held_once_and_taken_over_after_its_ttl(server: dict,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
     where = f"s3://{BUCKET}/runs/run=a"
-    holder_lease = Lease(where, "run", ttl_s=2.0).acquire()
+    holder_lease = Lease(where, "run", ttl_s=6.0).acquire()
     holder_lease._stop.set()  # its renewals stop, as when the holder dies
     with pytest.raises(LeaseHeld, match="last renewed"):
-        Lease(where, "run", ttl_s=2.0).acquire()
+        Lease(where, "run", ttl_s=6.0).acquire()
     store = RunStore(where, holder_lease.check)
-    time.sleep(2.5)
+    time.sleep(6.5)  # a TTL a loaded 2-core machine renews within
     with pytest.raises(LeaseLost, match="not renewed"):  # expired: its holder's workers may not publish
         _commit(store, "shard-00000")
     caplog.set_level(logging.WARNING, logger="audit.lease")
-    with Lease(where, "run", ttl_s=2.0).acquire() as taker:
+    with Lease(where, "run", ttl_s=6.0).acquire() as taker:
         assert f"took over the lease of host {os.uname().nodename}, process {os.getpid()}" in caplog.text
         with pytest.raises(LeaseLost, match="taken over"):
             _commit(store, "shard-00000")

@@ -211,6 +211,37 @@ def rewrite_scores(run: Path, flips: dict[str, bool]) -> None:
         marker_path.write_text(json.dumps(marker))
 
 
+def test_compare_counts_the_prompts_each_run_scored_by_id(demo: dict, tmp_path: Path) -> None:
+    """Common / only-in-A / only-in-B: by sorted 64-bit ids when every id is 16 hex digits, by a
+    join otherwise; both equal set arithmetic on the ids."""
+    from audit.report.compare import compare_runs
+
+    a = demo["run"]
+    b = tmp_path / "b" / a.relative_to(demo["tmp"] / "runs")
+    shutil.copytree(a, b)
+    store = RunStore(b)
+    first, *rest = sorted((b / "prompt_scores").glob("*.parquet"))
+    first.unlink()  # B lost a shard: its prompts are only in A
+    store.marker_path("prompt_scores", first.stem).unlink()
+
+    def counts() -> tuple[int, int, int]:
+        result = compare_runs(a, b)
+        return result["common_prompts"], result["only_in_a"], result["only_in_b"]
+
+    ids_a = set(pq.read_table(a / "prompt_scores", columns=["prompt_id"]).column(0).to_pylist())
+    ids_b = {i for f in rest for i in pq.read_table(f, columns=["prompt_id"]).column(0).to_pylist()}
+    assert 0 < len(ids_b) < len(ids_a)
+    assert counts() == (len(ids_a & ids_b), len(ids_a - ids_b), len(ids_b - ids_a))
+    table = pq.read_table(rest[0])  # one id that is not 16 hex digits: counted by the join instead
+    renamed = ["not a hex id"] + table.column("prompt_id").to_pylist()[1:]
+    pq.write_table(table.set_column(table.schema.get_field_index("prompt_id"), "prompt_id", pa.array(renamed)), rest[0])
+    marker = json.loads(store.marker_path("prompt_scores", rest[0].stem).read_text())
+    marker.update(bytes=rest[0].stat().st_size, sha256=file_sha256(rest[0]))
+    store.marker_path("prompt_scores", rest[0].stem).write_text(json.dumps(marker))
+    ids_b = ids_b - {table.column("prompt_id")[0].as_py()} | {"not a hex id"}
+    assert counts() == (len(ids_a & ids_b), len(ids_a - ids_b), len(ids_b - ids_a))
+
+
 def test_compare_reports_exactly_the_planted_differences_and_gates(demo: dict, tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture) -> None:
     a = demo["run"]

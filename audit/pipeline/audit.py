@@ -76,7 +76,7 @@ def run_audit(cfg: AuditConfig, address: str | None = None, retry_failed: bool =
     prepared = prepare_run(cfg)
     model_id = model_id_of(cfg.embedding)  # a missing embedding model is bad input: refuse before any work
     if cfg.reference.path:
-        _check_reference(cfg, model_id)
+        check_reference(cfg, model_id)
     with ray_session(address or cfg.compute.address):
         # the reference first: a stale calibration is refused before the run folder is touched
         reference = prepare_reference(cfg.reference.path, cfg.compute.lease_ttl_s) if cfg.reference.path else None
@@ -166,7 +166,9 @@ def _audit_rounds(store: RunStore, prepared: PreparedRun, device: str, dtype: st
     return reports[0], reports[1], reports[2], reports[3]  # type: ignore[return-value]
 
 
-def _check_reference(cfg: AuditConfig, model_id: str) -> None:
+def check_reference(cfg: AuditConfig, model_id: str) -> None:
+    """Refuse (before Ray starts) a reference that is unknown or embedded with another model than
+    the ``embedding`` section's."""
     from audit.reference.index import INDEX_DIR, load_manifest
     from audit.reference.locate import BUILTIN_PREFIX, builtin_reference_folder, resolve_reference
 

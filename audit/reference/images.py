@@ -36,7 +36,7 @@ class ReferenceImages:
         if position not in self._meta:
             path = self.root / self.files[position]["metadata"]
             names = pq.ParquetFile(path).schema_arrow.names
-            columns = [c for c in ("key", "caption", "source_shard") if c in names]
+            columns = [c for c in ("key", "caption", "url", "source_shard") if c in names]
             self._meta[position] = pq.read_table(path, columns=columns).to_pydict()
         return self._meta[position]
 
@@ -74,6 +74,13 @@ class ReferenceImages:
             meta = self._metadata(position)
             out.append(meta["key"][i] if row >= 0 and "key" in meta else None)
         return out
+
+    def urls(self, rows: np.ndarray) -> dict[int, str | None]:
+        """The metadata ``url`` of each global row (None where the folder records none)."""
+        unique = np.unique(np.asarray(rows)[np.asarray(rows) >= 0])
+        positions, local = self.locator.locate(unique)
+        return {row: (self._metadata(position).get("url") or [None] * (i + 1))[i]
+                for row, position, i in zip(unique.tolist(), positions.tolist(), local.tolist())}
 
     def get(self, rows: np.ndarray) -> dict[int, tuple[str | None, str | None, bytes | None]]:
         out: dict[int, tuple[str | None, str | None, bytes | None]] = {}

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
+from audit import layout
 from audit.reference.index import INDEX_DIR
 from audit.reference.search import ReferenceIndex
 from audit.report.query import RunQuery
@@ -32,11 +33,15 @@ class TopScores:
     drawn: np.ndarray
 
 
-def generated_to_train(q: RunQuery) -> TopScores:
-    buckets = bucket_counts(q, "score", TOP1)
-    n = int(buckets[:, 1].sum())
-    drawn = q.numpy(f"select score {TOP1} and {thinned(n)}")["score"] if n else np.zeros(0)
-    return TopScores(n, buckets, drawn.astype(np.float32))
+def generated_to_train(q: RunQuery, n_samples: int) -> TopScores:
+    """One pass over the top-1 neighbours: their fine-bucket counts, and the plot's points (about
+    ``PLOT_POINTS`` of the run's ``n_samples``, chosen by sample_id as :func:`thinned`)."""
+    found = q.arrow(f"select {_bucket('score')} as b, count(*) as n, "
+                    f"list(score) filter (where {thinned(n_samples)}) as drawn {TOP1} group by b order by b")
+    buckets = np.stack([found.column("b").to_numpy(), found.column("n").to_numpy()], axis=1).astype(np.int64) \
+        if found.num_rows else np.zeros((0, 2), np.int64)
+    drawn = pc.list_flatten(found.column("drawn")).to_numpy() if found.num_rows else np.zeros(0)
+    return TopScores(int(buckets[:, 1].sum()), buckets, np.asarray(drawn, np.float32))
 
 
 QUANTILES = {"median": 0.5, "p90": 0.9, "p99": 0.99, "max": 1.0}
@@ -107,12 +112,15 @@ def train_to_train(reference: Path, n: int = 2000, seed: int = 0) -> np.ndarray:
 def generated_pairs(q: RunQuery, n_samples: int) -> dict[str, np.ndarray]:
     """Per sample, over its verified pairs: the closest pixel distance (low-information pairs left
     out: their distance says nothing) and the best split-product, the generated side of the
-    calibration's null (for the plot: at most ``PLOT_POINTS`` of the run's ``n_samples``, chosen
-    by sample_id)."""
-    n = n_samples
+    calibration's null (for the plot: the samples of every n-th matches/ shard, about
+    ``PLOT_POINTS`` of the run's ``n_samples``; whole shards, so that only their files are read)."""
+    every = -(-int(n_samples) // PLOT_POINTS)
+    source = "{matches}" if every <= 1 else q.every_nth_file(layout.MATCHES, every)
+    if source is None:
+        return {"tiled_l2": np.zeros(0), "split_product": np.zeros(0)}
     found = q.numpy(f"""select cast(max(split_product) as double) as split_product,
                                cast(min(tiled_l2) filter (where label <> 'low_information') as double) as tiled_l2
-                        from {{matches}} where status = 'ok' and {thinned(int(n))} group by sample_id""")
+                        from {source} where status = 'ok' group by sample_id""")
     tiled = found["tiled_l2"].astype(np.float64)
     return {"tiled_l2": tiled[np.isfinite(tiled)], "split_product": found["split_product"].astype(np.float64)}
 

@@ -50,7 +50,7 @@ def write_report(run_path: str | Path | Location, gallery_size: int = 24, baseli
 
     summary = summarise(q)
     thresholds = run_thresholds(store, info)
-    top = generated_to_train(q)
+    top = generated_to_train(q, summary["samples"])
     baseline = train_to_train(reference, baseline_size) if reference else np.zeros(0, np.float32)
     figures = {
         "calibration": plots.calibration_histograms(_null(reference), generated_pairs(q, summary["samples"]), thresholds,
@@ -68,7 +68,7 @@ def write_report(run_path: str | Path | Location, gallery_size: int = 24, baseli
                                                    screen["settings"].get("threshold"), screen["top_cutoff"],
                                                    out / "screen.png")
     pairs = _gallery(q, reference, gallery_size)
-    rows, flagged = _prompt_rows(q, table_size)
+    rows, flagged = _prompt_rows(q, table_size, summary["flagged_prompts"]["count"])
     summary.update({
         "run": {k: info.get(k) for k in ("run_id", "model_name", "checkpoint_id", "created_at")},
         "run_path": store.full_location,
@@ -117,21 +117,18 @@ def _null(reference: Path | None) -> Any:
 PROMPT_ORDER = "score desc, case when isfinite(screen_score) then screen_score end desc nulls last, prompt_id"
 
 
-def _prompt_rows(q: RunQuery, limit: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The prompts the page lists (the first ``limit`` in its order) and every flagged prompt, in
-    its order, with their texts. Each is a top-N over prompt_scores/ joined to its texts
-    afterwards (a window over every row would hold them all)."""
-
-    def ordered(where: str, top: str) -> list[dict[str, Any]]:
-        rows = q.arrow(f"""select s.*, coalesce(p.prompt, '') as prompt
-                           from (select * exclude (filename, file_row_number) from {{prompt_scores}} {where}
-                                 order by {PROMPT_ORDER} {top}) s
-                           left join {{prompts}} p using (prompt_id) order by {PROMPT_ORDER}""").to_pylist()
-        for r in rows:
-            r["flagged"] = bool(r["flagged"])
-        return rows
-
-    return ordered("", f"limit {int(limit)}"), ordered("where flagged", "")
+def _prompt_rows(q: RunQuery, limit: int, n_flagged: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The prompts the page lists (the first ``limit`` in its order) and every flagged prompt
+    (``n_flagged`` of them), in its order, with their texts, from one top-N over prompt_scores/:
+    the flagged rows first, then the highest unflagged ones; the page's first ``limit`` are among
+    them. Texts are joined to those rows only (a window over every row would hold them all)."""
+    rows = q.arrow(f"""select s.*, coalesce(p.prompt, '') as prompt
+                       from (select * exclude (filename, file_row_number) from {{prompt_scores}}
+                             order by flagged desc, {PROMPT_ORDER} limit {int(n_flagged) + int(limit)}) s
+                       left join {{prompts}} p using (prompt_id) order by {PROMPT_ORDER}""").to_pylist()
+    for r in rows:
+        r["flagged"] = bool(r["flagged"])
+    return rows[:limit], [r for r in rows if r["flagged"]]
 
 
 def _audited(q: RunQuery) -> pa.Table:
@@ -157,13 +154,14 @@ def _gallery(q: RunQuery, reference: Path | None, size: int) -> list[dict[str, A
              chosen as (select c.* from copies c join best b using (sample_id, strength)
                         qualify row_number() over (partition by c.prompt_id
                                                    order by c.strength desc, c.tiled_l2, c.filename, c.file_row_number) = 1)
-        select * exclude (filename, file_row_number, strength) from chosen
+        select * exclude (file_row_number, strength) from chosen
         order by strength desc, tiled_l2, sample_id limit {int(size)}""").to_pylist()
     if not top:
         return []
-    images = q.rows("select sample_id, image_png from {samples} where sample_id in (select unnest(?))",
-                    [[m["sample_id"] for m in top]])
-    generated = dict(images)
+    # the images are read from the samples shards of the pairs' plan shards only (a few files)
+    source = q.of_shards(layout.SAMPLES, {Path(m.pop("filename")).stem for m in top})
+    generated = dict(q.rows(f"select sample_id, image_png from {source} where sample_id in (select unnest(?))",
+                            [[m["sample_id"] for m in top]])) if source else {}
     prompt_text = dict(q.rows("select prompt_id, prompt from {prompts} where prompt_id in (select unnest(?))",
                               [[m["prompt_id"] for m in top]]))
     ref_images: dict[int, tuple[str | None, str | None, bytes | None]] = {}

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 
 from audit.report import html as H
 from audit.report import screen as S
@@ -64,10 +65,7 @@ def compare_runs(path_a: str | Path, path_b: str | Path, allow_different_thresho
                          "rates do not compare. Audit both against the same calibrated reference, or pass "
                          "--allow-different-calibration to compare anyway")
     q = a["query"]
-    common, only_a, only_b = (int(v or 0) for v in q.one("""
-        select count(*) filter (where sa.prompt_id is not null and sb.prompt_id is not null),
-               count(*) filter (where sb.prompt_id is null), count(*) filter (where sa.prompt_id is null)
-        from a_prompt_scores sa full outer join b_prompt_scores sb using (prompt_id)"""))
+    common, only_a, only_b = _overlap(q, a["summary"]["prompts"], b["summary"]["prompts"])
     screened = a["screen"] is not None or b["screen"] is not None
     rates = {"flagged_prompts": _delta(a["summary"]["flagged_prompts"], b["summary"]["flagged_prompts"])}
     for label in LABELS:
@@ -78,9 +76,7 @@ def compare_runs(path_a: str | Path, path_b: str | Path, allow_different_thresho
         "only_in_a": only_a,
         "only_in_b": only_b,
         "rates": rates,
-        "newly_memorized": _listed(q, "sb.flagged and not sa.flagged", screened),
-        "no_longer_memorized": _listed(q, "sa.flagged and not sb.flagged", screened),
-        "still_memorized": _listed(q, "sa.flagged and sb.flagged", screened),
+        **_listed(q, screened),
         "settings_differences": _differences(a["info"]["config"], b["info"]["config"]),
         "thresholds": {"a": ida, "b": idb, "same": ida == idb},
     }
@@ -92,21 +88,57 @@ def compare_runs(path_a: str | Path, path_b: str | Path, allow_different_thresho
     return result
 
 
+def _overlap(q: RunQuery, n_a: int, n_b: int) -> tuple[int, int, int]:
+    """Prompts scored by both runs, by A only and by B only. A prompt id is 16 hex digits
+    (docs/schema.md), so each run's ids come back as one sorted uint64 array (8 bytes a prompt)
+    and are intersected by NumPy; a hash join of 10⁶ ids in DuckDB holds about 100 MB. Ids that are
+    not 16 hex digits (a hand-made table) are matched by that join instead."""
+    ids = []
+    for side, n in (("a_", n_a), ("b_", n_b)):
+        column = q.arrow(f"select try_cast('0x' || prompt_id as ubigint) as id from {side}prompt_scores "
+                         "where length(prompt_id) = 16").column("id")
+        if len(column) != n or column.null_count:
+            (common,) = q.one("select count(*) from a_prompt_scores join b_prompt_scores using (prompt_id)")
+            return int(common), n_a - int(common), n_b - int(common)
+        ids.append(np.sort(column.to_numpy()))
+    common = len(np.intersect1d(ids[0], ids[1], assume_unique=True))
+    return common, n_a - common, n_b - common
+
+
 # Either run's prompt text (B's first), joined to one of the comparison's queries.
 _TEXT = """left join b_prompts pb using (prompt_id) left join a_prompts pa using (prompt_id)"""
 _TEXT_COLUMN = "coalesce(nullif(pb.prompt, ''), pa.prompt, '') as prompt"
 
 
-def _listed(q: RunQuery, condition: str, screened: bool) -> list[dict[str, Any]]:
-    """The prompts both runs scored that meet ``condition`` (on ``sa``/``sb``, their score rows),
-    by id, with both scores (and both screen scores when a run was screened)."""
+def _listed(q: RunQuery, screened: bool) -> dict[str, list[dict[str, Any]]]:
+    """The prompts both runs scored that either flagged, by id, with both scores (and both screen
+    scores when a run was screened), split into newly, no longer and still memorized.
+
+    The flagged ids are fetched first, then each table's rows for them (a semi join built on the
+    few ids), and only those few rows are joined: DuckDB cannot estimate joins between views of
+    shards, and may otherwise build a hash table of a run's 10⁶ prompts."""
+    flagged = q.arrow("select prompt_id from a_prompt_scores where flagged "
+                      "union select prompt_id from b_prompt_scores where flagged")
+    q.con.register("flagged_ids", flagged)
+    for view, columns in (("a_prompt_scores", "score, flagged"), ("b_prompt_scores", "score, flagged"),
+                          ("a_prompts", "prompt"), ("b_prompts", "prompt"),
+                          ("a_escalation", "screen_score"), ("b_escalation", "screen_score")):
+        q.con.register(f"flagged_{view}", q.arrow(f"select prompt_id, {columns} from {view} "
+                                                  "where prompt_id in (select prompt_id from flagged_ids)"))
     screen = (", cast(ea.screen_score as double) as screen_score_a, cast(eb.screen_score as double) as screen_score_b"
               if screened else "")
-    return q.arrow(f"""
-        select prompt_id, {_TEXT_COLUMN}, cast(sa.score as double) as score_a, cast(sb.score as double) as score_b{screen}
-        from a_prompt_scores sa join b_prompt_scores sb using (prompt_id) {_TEXT}
-             left join a_escalation ea using (prompt_id) left join b_escalation eb using (prompt_id)
-        where {condition} order by prompt_id""").to_pylist()
+    rows = q.arrow(f"""
+        select prompt_id, {_TEXT_COLUMN}, cast(sa.score as double) as score_a, cast(sb.score as double) as score_b{screen},
+               coalesce(sa.flagged, false) as in_a, coalesce(sb.flagged, false) as in_b
+        from flagged_a_prompt_scores sa join flagged_b_prompt_scores sb using (prompt_id)
+             left join flagged_b_prompts pb using (prompt_id) left join flagged_a_prompts pa using (prompt_id)
+             left join flagged_a_escalation ea using (prompt_id) left join flagged_b_escalation eb using (prompt_id)
+        order by prompt_id""").to_pylist()
+    lists: dict[str, list[dict[str, Any]]] = {"newly_memorized": [], "no_longer_memorized": [], "still_memorized": []}
+    for row in rows:
+        in_a, in_b = row.pop("in_a"), row.pop("in_b")
+        lists["still_memorized" if in_a and in_b else "newly_memorized" if in_b else "no_longer_memorized"].append(row)
+    return lists
 
 
 def _screen_prompts(q: RunQuery, limit: int) -> tuple[int, list[dict[str, Any]]]:

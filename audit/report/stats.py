@@ -47,16 +47,20 @@ LABEL_RANK = "case label " + " ".join(f"when '{label}' then {rank}" for label, r
     + " else 0 end"  # SQL: a label's strength, as LABEL_ORDER
 
 
-def best_label_counts(q: RunQuery) -> dict[str, tuple[int, int]]:
+def best_label_counts(q: RunQuery) -> tuple[dict[str, tuple[int, int]], int]:
     """Per label: how many samples have it as their strongest verified label, and of how many
-    prompts (one DuckDB aggregate over matches/, :func:`best_labels` at scale)."""
+    prompts; and how many pairs carry a copy label, whatever their status (one DuckDB pass over
+    matches/, :func:`best_labels` at scale)."""
+    copied = ", ".join(f"'{label}'" for label in LABELS)
     rows = q.rows(f"""
-        with ranked as (select sample_id, prompt_id, label, {LABEL_RANK} as strength from {{matches}}
-                        where status = 'ok'),
-             best as (select sample_id, arg_max(label, strength) as label, any_value(prompt_id) as prompt_id
+        with ranked as (select sample_id, prompt_id, label, status, {LABEL_RANK} as strength from {{matches}}),
+             best as (select arg_max(label, strength) filter (where status = 'ok') as label,
+                             any_value(prompt_id) filter (where status = 'ok') as prompt_id,
+                             count(*) filter (where label in ({copied})) as pairs
                       from ranked where strength > 0 group by sample_id)
-        select label, count(*), count(distinct prompt_id) from best group by label""")
-    return {label: (int(samples), int(prompts)) for label, samples, prompts in rows}
+        select label, count(*), count(distinct prompt_id), sum(pairs) from best group by label""")
+    pairs = sum(int(n or 0) for *_, n in rows)
+    return {label: (int(samples), int(prompts)) for label, samples, prompts, _ in rows if label is not None}, pairs
 
 
 def summarise(q: RunQuery) -> dict[str, Any]:
@@ -64,9 +68,7 @@ def summarise(q: RunQuery) -> dict[str, Any]:
     label, each as a rate with its 95% Wilson interval; counted by DuckDB over the run's shards."""
     n_prompts, flagged = q.one("select count(*), count(*) filter (where flagged) from {prompt_scores}")
     n_samples, n_ok = q.one("select count(*), count(*) filter (where status = 'ok') from {samples}")
-    labels = best_label_counts(q)
-    copied = ", ".join(f"'{label}'" for label in LABELS)
-    (pairs,) = q.one(f"select count(*) from {{matches}} where label in ({copied})")
+    labels, pairs = best_label_counts(q)
     return {
         "prompts": int(n_prompts),
         "samples": int(n_samples),
