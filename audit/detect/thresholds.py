@@ -69,6 +69,12 @@ class Thresholds:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Thresholds:
+        """The inverse of :meth:`to_json` (a service's deployments receive the driver's thresholds)."""
+        rates = {k: Rate(**data[k]) for k in ("verbatim_rate", "template_rate", "pair_rate")}
+        return cls(**{**data, **rates})
+
     def digest(self) -> str:
         """Identifies the verdicts these thresholds give (detection shards record it)."""
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]

@@ -17,7 +17,6 @@ audit.pipeline.serve_app:app_builder reference=… [config=…]`` and a KubeRay 
 # No ``from __future__ import annotations`` here: FastAPI reads the routes' annotations at run time
 # (a postponed ``request: Request`` in Serve's class-based routes becomes a required query field).
 import asyncio
-import json
 import logging
 import time
 from pathlib import Path
@@ -35,7 +34,8 @@ from audit.config import AuditConfig, DetectionSection, EmbeddingSection, load_c
 from audit.detect.thresholds import Thresholds
 from audit.reference.search import merge_topk
 from audit.serve import rules
-from audit.serve.checker import Embedded, ImageEmbedder, ShardSearcher, Verifier, error_result, shard_groups
+from audit.serve.checker import (Embedded, ImageEmbedder, ShardSearcher, Verifier, embedded_queries, error_result,
+                                 shard_groups, verified, with_timings)
 
 log = logging.getLogger(__name__)
 APP_NAME = "memaudit-check"
@@ -61,9 +61,6 @@ class Embedder:
     async def embed(self, images: list[bytes]) -> list[Embedded]:
         return self.embedder.embed(images)
 
-    def model_id(self) -> str:
-        return self.embedder.model_id
-
 
 @serve.deployment
 class IndexShards:
@@ -85,7 +82,7 @@ class CheckIngress:
     def __init__(self, embedder: DeploymentHandle, shards: list[DeploymentHandle], settings: dict[str, Any]) -> None:
         self.embedder, self.shards, self.settings = embedder, shards, settings
         self.detection = DetectionSection(**settings["detection"])
-        self.verifier = Verifier(Path(settings["reference"]), self.detection, Thresholds(**settings["thresholds"]))
+        self.verifier = Verifier(Path(settings["reference"]), self.detection, Thresholds.from_json(settings["thresholds"]))
         self.requests = metrics.Counter("memaudit_check_requests", "Requests by route and status.",
                                         tag_keys=("route", "status"))
         self.latency = metrics.Histogram("memaudit_check_latency_ms", "Request latency (ms) by route.",
@@ -169,27 +166,21 @@ class CheckIngress:
         return {"results": await self._check_images(images, rules.check_batch(images, captions), k)}
 
     async def _check_images(self, images: list[bytes], captions: list[str | None], k: int) -> list[dict[str, Any]]:
-        started = time.perf_counter()
+        clock = [time.perf_counter()]
         embedded: list[Embedded] = list(await asyncio.gather(*(self.embedder.embed.remote(i) for i in images)))
-        embedded_at = time.perf_counter()
-        results: list[dict[str, Any]] = [error_result(e) for e in embedded]
-        good = [i for i, e in enumerate(embedded) if e.vector is not None]
-        if good:
-            queries = np.stack([embedded[i].vector for i in good]).astype(np.float32)
-            parts = await asyncio.gather(*(shard.search.remote(queries, k) for shard in self.shards))
-            scores, rows = merge_topk(list(parts), k)
-            searched_at = time.perf_counter()
-            checked = await asyncio.to_thread(  # pixel work off the event loop: other requests keep moving
-                lambda: [self.verifier.check(images[i], embedded[i], captions[i], scores[j], rows[j])
-                         for j, i in enumerate(good)])
-            for i, found in zip(good, checked):
-                results[i] = {"status": "ok", "error": None, **found}
-            done = time.perf_counter()
-            timings = {"embed_ms": 1e3 * (embedded_at - started), "search_ms": 1e3 * (searched_at - embedded_at),
-                       "verify_ms": 1e3 * (done - searched_at), "total_ms": 1e3 * (done - started)}
-            for i in good:
-                results[i]["timings_ms"] = timings
-                self.verdicts.inc(tags={"verdict": results[i]["verdict"]})
+        clock.append(time.perf_counter())
+        queries = embedded_queries(embedded)
+        if queries is None:
+            return [error_result(e) for e in embedded]
+        parts = await asyncio.gather(*(shard.search.remote(queries, k) for shard in self.shards))
+        scores, rows = merge_topk(list(parts), k)
+        clock.append(time.perf_counter())
+        # pixel work off the event loop: other requests keep moving
+        results = await asyncio.to_thread(verified, self.verifier, images, embedded, captions, scores, rows)
+        clock.append(time.perf_counter())
+        for result in with_timings(results, clock):
+            if result["status"] == "ok":
+                self.verdicts.inc(tags={"verdict": result["verdict"]})
         return results
 
 
@@ -210,17 +201,13 @@ def service_settings(reference: str, cfg: AuditConfig, token: str | None, max_bo
     return {
         "reference": str(folder), "model_id": model_id, "token_sha256": rules.token_digest(token),
         "detection": cfg.detection.model_dump(mode="json"), "embedding": cfg.embedding.model_dump(mode="json"),
-        "thresholds": json.loads(json.dumps(thresholds.__dict__, default=_plain)),
+        "thresholds": thresholds.to_json(),
         "index": {k: manifest.get(k) for k in ("factory", "metric", "exact", "embedding", "search")} | {
             "shards": len(manifest["shards"])},
         "counts": {"vectors": int(manifest["count"]), "files": len(manifest["files"]),
                    "excluded": int(manifest.get("excluded", 0))},
         "max_body_bytes": int(max_body_mb * 2**20), "max_image_pixels": cfg.embedding.max_image_pixels,
     }
-
-
-def _plain(value: Any) -> Any:
-    return value.__dict__ if hasattr(value, "__dict__") else str(value)
 
 
 def build_app(settings: dict[str, Any], shard_group_count: int = 1, embedder_replicas: int = 1,

@@ -145,24 +145,49 @@ def error_result(embedded: Embedded) -> dict[str, Any]:
     return {"status": "error", "error": embedded.error, "verdict": None, "candidates": []}
 
 
+def embedded_queries(embedded: list[Embedded]) -> np.ndarray | None:
+    """The embedded images' vectors as float32 query rows (None: no image embedded)."""
+    vectors = [e.vector for e in embedded if e.vector is not None]
+    return np.stack(vectors).astype(np.float32) if vectors else None
+
+
+def verified(verifier: Verifier, images: list[bytes], embedded: list[Embedded], captions: list[str | None],
+             scores: np.ndarray, rows: np.ndarray) -> list[dict[str, Any]]:
+    """Each image's result: its verdict and candidates (``scores``/``rows``: the top-k of the
+    embedded images, in order), or the reason it did not embed."""
+    results, j = [], 0
+    for image, one, caption in zip(images, embedded, captions):
+        if one.vector is None:
+            results.append(error_result(one))
+            continue
+        results.append({"status": "ok", "error": None, **verifier.check(image, one, caption, scores[j], rows[j])})
+        j += 1
+    return results
+
+
+def with_timings(results: list[dict[str, Any]], clock: list[float]) -> list[dict[str, Any]]:
+    """Each checked result given the batch's step timings (``clock``: start, embedded, searched,
+    verified), in milliseconds."""
+    embed, search, verify_ = (1e3 * (b - a) for a, b in zip(clock, clock[1:]))
+    timings = {"embed_ms": embed, "search_ms": search, "verify_ms": verify_, "total_ms": 1e3 * (clock[-1] - clock[0])}
+    for result in results:
+        if result["status"] == "ok":
+            result["timings_ms"] = timings
+    return results
+
+
 def check_offline(images: list[bytes], captions: list[str | None], embedder: ImageEmbedder,
                   searchers: list[ShardSearcher], verifier: Verifier, k: int) -> list[dict[str, Any]]:
     """Embed, search every shard group, merge, verify: the whole check of a batch in this process,
     with the timings of each step (milliseconds, for the batch)."""
-    started = time.perf_counter()
+    clock = [time.perf_counter()]
     embedded = embedder.embed(images)
-    good = [i for i, e in enumerate(embedded) if e.vector is not None]
-    embedded_at = time.perf_counter()
-    results: list[dict[str, Any]] = [error_result(e) for e in embedded]
-    if good:
-        queries = np.stack([embedded[i].vector for i in good]).astype(np.float32)
-        scores, rows = merge_topk([s.search(queries, k) for s in searchers], k)
-        searched_at = time.perf_counter()
-        for j, i in enumerate(good):
-            results[i] = {"status": "ok", "error": None,
-                          **verifier.check(images[i], embedded[i], captions[i], scores[j], rows[j])}
-        timings = {"embed_ms": 1e3 * (embedded_at - started), "search_ms": 1e3 * (searched_at - embedded_at),
-                   "verify_ms": 1e3 * (time.perf_counter() - searched_at)}
-        for i in good:
-            results[i]["timings_ms"] = timings
-    return results
+    clock.append(time.perf_counter())
+    queries = embedded_queries(embedded)
+    if queries is None:
+        return [error_result(e) for e in embedded]
+    scores, rows = merge_topk([s.search(queries, k) for s in searchers], k)
+    clock.append(time.perf_counter())
+    results = verified(verifier, images, embedded, captions, scores, rows)
+    clock.append(time.perf_counter())
+    return with_timings(results, clock)
