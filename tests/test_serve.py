@@ -1,6 +1,8 @@
 """The check service (docs/serving.md): its pieces without Ray against the testbed reference, then
 the application on Ray Serve (a local Ray) through real HTTP: copies of training images, held-out
-images, batches, hostile requests, a replica killed under load."""
+images, batches, hostile requests, the prompt screen against the audit's own screen, the metrics
+in Ray's Prometheus export, a replica killed under load. The reference is the testbed's, its index
+rebuilt in three shards so that two index deployments merge their top-k."""
 
 from __future__ import annotations
 
@@ -50,23 +52,53 @@ def testbed_items() -> dict[str, list[Any]]:
 
 
 @pytest.fixture(scope="module")
-def settings(ray_local: str) -> dict[str, Any]:
-    from audit.pipeline.serve_app import service_settings
+def three_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in testbed reference with its index rebuilt in three shards (its images are read
+    through the original's img2dataset shards, which its markers name)."""
+    import shutil
 
-    return service_settings("builtin:testbed", load_config(None), TOKEN, max_body_mb=2.0)
+    from audit.config import ReferenceSection
+    from audit.pipeline.reference import prepare_reference
+    from audit.reference.index import build_index
+
+    builtin = prepare_reference("builtin:testbed")
+    folder = tmp_path_factory.mktemp("reference") / "testbed-3-shards"
+    shutil.copytree(builtin, folder, ignore=shutil.ignore_patterns(".memaudit-lease.json", "index"))
+    assert len(build_index(folder, ReferenceSection(vectors_per_shard=500))["shards"]) == 3
+    return folder
 
 
 @pytest.fixture(scope="module")
-def offline(settings: dict[str, Any]) -> Any:
+def screened_run(ray_local: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``memaudit screen`` of the default config's prompts: what the service's screen must equal."""
+    from audit.pipeline.screening import run_screen
+
+    result = run_screen(load_config(None, [f"run.root={tmp_path_factory.mktemp('runs')}"]))
+    assert result.escalation is not None
+    return result.run_path
+
+
+@pytest.fixture(scope="module")
+def settings(ray_local: str, three_shards: Path) -> dict[str, Any]:
+    from audit.pipeline.serve_app import service_settings
+
+    return service_settings(str(three_shards), load_config(None), TOKEN, max_body_mb=2.0, screen_baseline=256)
+
+
+def offline_checker(reference: Path, settings: dict[str, Any], groups: int) -> Any:
     from audit.config import DetectionSection, EmbeddingSection
     from audit.detect.thresholds import Thresholds
     from audit.serve.checker import ImageEmbedder, ShardSearcher, Verifier, check_offline, shard_groups
 
-    reference = Path(settings["reference"])
     embedder = ImageEmbedder(EmbeddingSection(**settings["embedding"]))
-    searchers = [ShardSearcher(reference, g) for g in shard_groups(reference, 2)]
-    verifier = Verifier(reference, DetectionSection(**settings["detection"]), Thresholds(**settings["thresholds"]))
+    searchers = [ShardSearcher(reference, g) for g in shard_groups(reference, groups)]
+    verifier = Verifier(reference, DetectionSection(**settings["detection"]), Thresholds.from_json(settings["thresholds"]))
     return lambda images, captions, k=10: check_offline(images, captions, embedder, searchers, verifier, k)
+
+
+@pytest.fixture(scope="module")
+def offline(settings: dict[str, Any]) -> Any:
+    return offline_checker(Path(settings["reference"]), settings, 2)
 
 
 def own_key(result: dict[str, Any]) -> str | None:
@@ -85,6 +117,17 @@ def test_offline_pieces_label_training_copies_and_pass_held_out_images(offline: 
     assert [r["verdict"] for r in offline([png(i.image) for i in heldout], [None] * len(heldout))] == ["none"] * len(heldout)
     bad = offline([b"", b"not an image"], [None, None])
     assert [r["status"] for r in bad] == ["error", "error"] and bad[0]["error"].startswith("zero_byte")
+
+
+def test_three_shards_in_two_groups_answer_as_the_one_shard_index(offline: Any, settings: dict[str, Any],
+                                                                   testbed_items: dict) -> None:
+    from audit.pipeline.reference import prepare_reference
+
+    whole = offline_checker(prepare_reference("builtin:testbed"), settings, 1)
+    items = testbed_items["dup32"][:4] + testbed_items["heldout"][:4]
+    images, captions = [png(i.image) for i in items], [i.caption for i in items]
+    strip = lambda r: {k: v for k, v in r.items() if k != "timings_ms"}  # noqa: E731
+    assert [strip(r) for r in offline(images, captions)] == [strip(r) for r in whole(images, captions)]
 
 
 def test_request_rules_refuse_with_a_status_and_a_code() -> None:
@@ -119,13 +162,16 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def service(settings: dict[str, Any]) -> Any:
+def service(settings: dict[str, Any], screened_run: Path) -> Any:
+    """The application with two index groups and the prompt screen (half a CPU for the embedder:
+    the five deployments fit the module's two CPUs; started after the screen run, whose worker
+    needs a whole one)."""
     from ray import serve
 
     from audit.pipeline.serve_app import start
 
     port = free_port()
-    start(settings, "127.0.0.1", port, shard_group_count=2)
+    start(settings, "127.0.0.1", port, shard_group_count=2, embedder_cpus=0.5)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"},
                           timeout=120)
     yield client
@@ -146,8 +192,9 @@ def test_the_service_answers_health_and_info(service: httpx.Client, settings: di
     assert service.get("/v1/healthz").json() == {"status": "ok"}
     info = service.get("/v1/info").json()
     assert info["model_id"] == settings["model_id"] == "builtin:testbed-copy"
-    assert info["counts"]["vectors"] > 0 and info["index"]["shards"] >= 1
+    assert info["counts"]["vectors"] > 0 and info["index"]["shards"] == 3
     assert info["thresholds"]["source"] == settings["thresholds"]["source"]
+    assert info["screen"]["seeds"] == 4 and info["screen"]["baseline_prompts"] == 40
 
 
 def test_training_copies_come_back_as_their_own_key_and_held_out_images_as_none(
@@ -239,6 +286,95 @@ def test_256_concurrent_requests_are_served(service: httpx.Client, testbed_items
     assert check(service, body).json()["verdict"] == "none"
 
 
+def screen(service: httpx.Client, body: Any, content_type: str = "application/json") -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return service.post("/v1/screen", content=content, headers={"Content-Type": content_type})
+
+
+def test_the_screen_answers_what_the_audits_screen_recorded(service: httpx.Client, screened_run: Path) -> None:
+    """Same seeds, batching and formula: a prompt's signals are its screen/ row, and with the run's
+    prompts as the baseline its score and quantile are the run's."""
+    import pyarrow.parquet as pq
+
+    recorded = {r["prompt_id"]: r for r in pq.read_table(screened_run / "screen").to_pylist()}
+    decided = {r["prompt_id"]: r for r in pq.read_table(screened_run / "escalation" / "escalation.parquet").to_pylist()}
+    prompts = pq.read_table(screened_run / "prompts").column("prompt").to_pylist()
+    chosen = [prompts[0], prompts[17], prompts[-1]]
+    answer = screen(service, {"prompts": chosen})
+    assert answer.status_code == 200, answer.text
+    results = answer.json()["results"]
+    for prompt, result in zip(chosen, results):
+        row, decision = recorded[result["prompt_id"]], decided[result["prompt_id"]]
+        assert result["prompt"] == prompt and result["status"] == "ok" and result["n_seeds"] == 4
+        np.testing.assert_allclose(result["noise_magnitude_seeds"], row["noise_magnitude_seeds"], rtol=1e-6)
+        np.testing.assert_allclose(result["alignment_seeds"], row["alignment_seeds"], rtol=1e-5, atol=1e-7)
+        assert result["screen_score"] == pytest.approx(decision["screen_score"], rel=1e-5, abs=1e-6)
+        assert result["baseline_quantile"] == (len(prompts) - 1 - decision["rank"]) / len(prompts)
+        assert result["above_threshold"] == (decision["screen_score"] >= 2.0)
+    alone = screen(service, {"prompt": f"  {chosen[1]} "}).json()["results"][0]  # normalised as a plan does
+    assert alone["prompt_id"] == results[1]["prompt_id"] and alone["screen_score"] == pytest.approx(results[1]["screen_score"])
+
+
+def test_bad_screen_requests_get_their_4xx(service: httpx.Client) -> None:
+    cases = {
+        "wrong content type": (screen(service, b"a cat", "text/plain"), 415, "unsupported_media_type"),
+        "not json": (screen(service, b"{prompt: a cat"), 400, "bad_json"),
+        "no prompt": (screen(service, {"text": "a cat"}), 400, "no_prompt"),
+        "blank prompt": (screen(service, {"prompt": "   "}), 400, "bad_prompt"),
+        "not a string": (screen(service, {"prompts": ["a cat", 3]}), 400, "bad_prompt"),
+        "too many": (screen(service, {"prompts": ["a cat"] * (rules.MAX_PROMPTS + 1)}), 413, "batch_too_large"),
+        "too long": (screen(service, {"prompt": "a cat " * 1000}), 413, "prompt_too_long"),
+    }
+    for name, (answer, status, code) in cases.items():
+        assert answer.status_code == status, (name, answer.status_code, answer.text)
+        assert answer.json()["error"] == code and answer.json()["detail"], name
+    assert screen(service, {"prompt": "a cat"}).status_code == 200
+
+
+def test_a_screen_the_model_cannot_run_is_refused_before_the_service_starts() -> None:
+    from audit.errors import InputError
+    from audit.serve.screener import prepare_screen
+
+    with pytest.raises(InputError, match="guidance_scale is 1.0"):
+        prepare_screen(load_config(None, ["generation.guidance_scale=1.0"]), 256)
+    with pytest.raises(InputError, match="--screen-baseline 3"):
+        prepare_screen(load_config(None), 3)
+
+
+def test_the_cli_refuses_bad_service_options_before_starting_anything(capsys: pytest.CaptureFixture[str],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from audit.cli import main
+
+    assert main(["serve", "builtin:testbed", "--ingress-replicas", "0"]) == 2
+    assert "--ingress-replicas 0: it must be at least 1" in capsys.readouterr().err
+    monkeypatch.delenv("MEMAUDIT_NO_SUCH_TOKEN", raising=False)
+    assert main(["serve", "builtin:testbed", "--token-env", "MEMAUDIT_NO_SUCH_TOKEN"]) == 2
+    assert "--token-env MEMAUDIT_NO_SUCH_TOKEN" in capsys.readouterr().err
+
+
+def test_the_service_reserves_no_more_cpus_than_a_private_ray_is_given() -> None:
+    from audit.pipeline.serve_app import logical_cpus
+
+    assert logical_cpus() == 2 and logical_cpus(shard_group_count=4, ingress_replicas=2, screen=True) == 3
+
+
+def test_requests_latency_and_verdicts_reach_rays_prometheus_export(service: httpx.Client, testbed_items: dict) -> None:
+    import ray
+
+    item = testbed_items["dup32"][1]
+    assert check(service, png(item.image), caption=item.caption).json()["verdict"] == "matching_verbatim"
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    wanted = {"ray_memaudit_check_requests_total": 'route="check"', "ray_memaudit_check_latency_ms_bucket": 'le="50',
+              "ray_memaudit_check_verdicts_total": 'verdict="matching_verbatim"'}
+    deadline, missing = time.monotonic() + 90, set(wanted)
+    while missing and time.monotonic() < deadline:  # Ray exports recorded metrics every few seconds
+        time.sleep(2)
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        missing = {name for name, tag in wanted.items()
+                   if not any(line.startswith(name + "{") and tag in line for line in text.splitlines())}
+    assert not missing, f"not exported: {sorted(missing)}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("deployment", ["embedder", "index-0"])
 def test_a_replica_killed_under_load_is_replaced(service: httpx.Client, testbed_items: dict, deployment: str) -> None:
@@ -274,3 +410,45 @@ def test_a_replica_killed_under_load_is_replaced(service: httpx.Client, testbed_
     assert answer.json()["verdict"] == "none"
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
     assert names and name not in names  # a new replica serves
+
+
+@pytest.mark.slow
+def test_memaudit_serve_runs_until_terminated(tmp_path: Path, testbed_items: dict) -> None:
+    """The command a user runs: its own private Ray, the screen on, checks and screens over HTTP,
+    SIGTERM stops it with exit 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {**os.environ, "MEMAUDIT_TEST_TOKEN": TOKEN}
+    env.pop("RAY_ADDRESS", None)
+    log = (tmp_path / "serve.log").open("w")
+    command = [sys.executable, "-m", "audit.cli", "serve", "builtin:testbed", "--port", str(port), "--screen",
+               "--shard-groups", "2", "--token-env", "MEMAUDIT_TEST_TOKEN"]
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"},
+                              timeout=60)
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if client.get("/v1/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the service did not come up"
+            time.sleep(2)
+        while "serving" not in (tmp_path / "serve.log").read_text():  # answers come before serve.run returns
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        item = testbed_items["dup32"][2]
+        assert check(client, png(item.image), caption=item.caption).json()["verdict"] == "matching_verbatim"
+        assert screen(client, {"prompt": item.caption}).json()["results"][0]["status"] == "ok"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=120)
+    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    assert "memaudit serve: stopping" in (tmp_path / "serve.log").read_text()

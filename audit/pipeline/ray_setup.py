@@ -103,9 +103,10 @@ def _first_line(exc: BaseException) -> str:
 
 
 @contextmanager
-def ray_session(address: str | None = None) -> Iterator[None]:
-    """Ray for a block of work (several audits share it); shut down after if it was started here."""
-    started = connect(address)
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """Ray for a block of work (several audits share it); shut down after if it was started here
+    (``num_cpus``: the logical CPUs of a private local Ray, default the machine's)."""
+    started = connect(address, num_cpus)
     try:
         yield
     finally:

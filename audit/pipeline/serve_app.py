@@ -1,9 +1,11 @@
 """``memaudit serve REF [CONFIG]``: the check service on Ray Serve (docs/serving.md).
 
-Three deployments built from :mod:`audit.serve`'s Ray-free pieces:
+Deployments built from :mod:`audit.serve`'s Ray-free pieces:
 
 - ``Embedder``: decodes and embeds with dynamic batching (``serve.batch``: the images of
   concurrent requests share a forward), replicas and GPU share configurable;
+- ``Screener``, only when the service runs with a model (``--screen``): the audit's prompt screen
+  against a baseline of the config's prompts (:class:`PromptScreener`);
 - ``IndexShards`` (one deployment per group of index shards, ``index-0`` …): top-k with the join's
   exact re-ranking; the ingress merges their top-k (:func:`merge_topk`);
 - ``CheckIngress`` (FastAPI): the routes, the request rules (:mod:`audit.serve.rules`), pixel
@@ -18,6 +20,7 @@ audit.pipeline.serve_app:app_builder reference=… [config=…]`` and a KubeRay 
 # (a postponed ``request: Request`` in Serve's class-based routes becomes a required query field).
 import asyncio
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -36,9 +39,11 @@ from audit.reference.search import merge_topk
 from audit.serve import rules
 from audit.serve.checker import (Embedded, ImageEmbedder, ShardSearcher, Verifier, embedded_queries, error_result,
                                  shard_groups, verified, with_timings)
+from audit.serve.screener import PromptScreener, prepare_screen
 
 log = logging.getLogger(__name__)
 APP_NAME = "memaudit-check"
+INGRESS_CPUS, INDEX_CPUS, SCREENER_CPUS = 0.25, 0.25, 0.5  # logical CPUs a replica reserves
 LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 
 api = FastAPI(title="memaudit check service", docs_url=None, redoc_url=None, openapi_url=None)
@@ -50,27 +55,51 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse({"error": "http_" + str(exc.status_code), "detail": str(exc.detail)}, status_code=exc.status_code)
 
 
+def _per_request(flat: list[Any], requests: list[list[Any]]) -> list[list[Any]]:
+    """The answers to a batch of requests, flattened in order, dealt back to each request."""
+    ends = np.cumsum([len(items) for items in requests]).tolist()
+    return [flat[end - len(items) : end] for items, end in zip(requests, ends)]
+
+
 @serve.deployment(name="embedder")
 class Embedder:
-    """Image bytes -> :class:`Embedded`; one call per image, batched across requests."""
+    """A request's images -> their :class:`Embedded`; one call per request, the images of
+    concurrent requests batched into one forward."""
 
     def __init__(self, section: dict[str, Any], device: str) -> None:
         self.embedder = ImageEmbedder(EmbeddingSection(**section), device)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def embed(self, images: list[bytes]) -> list[Embedded]:
-        return self.embedder.embed(images)
+    async def embed(self, requests: list[list[bytes]]) -> list[list[Embedded]]:
+        return _per_request(self.embedder.embed([image for images in requests for image in images]), requests)
+
+
+@serve.deployment(name="screener")
+class Screener:
+    """Prompts -> their screen signals and score (:class:`PromptScreener`), the prompts of
+    concurrent requests screened in one pass; present when the service runs with a model."""
+
+    def __init__(self, config: dict[str, Any], baseline: list[str], device: str, dtype: str) -> None:
+        self.screener = PromptScreener(AuditConfig.model_validate(config), baseline, device, dtype)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def screen(self, requests: list[list[str]]) -> list[list[dict[str, Any]]]:
+        return _per_request(self.screener.screen([prompt for prompts in requests for prompt in prompts]), requests)
 
 
 @serve.deployment
 class IndexShards:
-    """One group of the reference's index shards."""
+    """One group of the reference's index shards; the queries of concurrent requests are searched
+    in one call (faiss is several times faster per query in batches)."""
 
     def __init__(self, reference: str, only: list[int]) -> None:
         self.searcher = ShardSearcher(Path(reference), only)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.searcher.search(queries, k)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def search(self, queries: list[np.ndarray], ks: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        scores, rows = self.searcher.search(np.concatenate(queries), max(ks))
+        ends = np.cumsum([len(q) for q in queries]).tolist()
+        return [(scores[end - len(q) : end, :k], rows[end - len(q) : end, :k]) for q, k, end in zip(queries, ks, ends)]
 
 
 @serve.deployment(name="ingress")
@@ -79,8 +108,9 @@ class CheckIngress:
     """The HTTP API. Every refusal is a 4xx JSON ``{error, detail}``; an exception while serving
     one request is its 500, never the replica's end."""
 
-    def __init__(self, embedder: DeploymentHandle, shards: list[DeploymentHandle], settings: dict[str, Any]) -> None:
-        self.embedder, self.shards, self.settings = embedder, shards, settings
+    def __init__(self, embedder: DeploymentHandle, shards: list[DeploymentHandle], settings: dict[str, Any],
+                 screener: DeploymentHandle | None = None) -> None:
+        self.embedder, self.shards, self.settings, self.screener = embedder, shards, settings, screener
         self.detection = DetectionSection(**settings["detection"])
         self.verifier = Verifier(Path(settings["reference"]), self.detection, Thresholds.from_json(settings["thresholds"]))
         self.requests = metrics.Counter("memaudit_check_requests", "Requests by route and status.",
@@ -107,6 +137,11 @@ class CheckIngress:
         """A multipart batch: fields ``image`` (files) and optionally one ``caption`` per image."""
         return await self._answer("check-batch", request, self._check_batch)
 
+    @api.post("/v1/screen")
+    async def screen(self, request: Request) -> JSONResponse:
+        """A prompt's screen signals: ``{"prompt": "..."}`` or ``{"prompts": [...]}``."""
+        return await self._answer("screen", request, self._screen)
+
     async def _answer(self, route: str, request: Request, handler: Any) -> JSONResponse:
         started = time.perf_counter()
         try:
@@ -122,7 +157,9 @@ class CheckIngress:
         return JSONResponse(body, status_code=status)
 
     async def _info(self, request: Request) -> dict[str, Any]:
+        screen = self.settings["screen"]
         return {key: self.settings[key] for key in ("reference", "model_id", "index", "counts", "thresholds")} | {
+            "screen": screen and {k: v for k, v in screen.items() if k not in ("config", "baseline")},
             "verify_top": self.detection.verify_top, "k": self.detection.k,
             "limits": {"body_bytes": self.settings["max_body_bytes"], "batch": rules.MAX_BATCH,
                        "image_pixels": self.settings["max_image_pixels"]}}
@@ -136,6 +173,16 @@ class CheckIngress:
             if len(body) > limit:
                 raise rules.too_large(len(body), limit)
         return bytes(body)
+
+    async def _screen(self, request: Request) -> dict[str, Any]:
+        if self.screener is None:
+            raise rules.Refusal(404, "screen_not_enabled", "this service was started without a model; start it with "
+                                                           "--screen (memaudit serve) or screen_baseline=N (serve run)")
+        prompts = rules.screen_prompts(request.headers.get("content-type"), await self._body(request))
+        started = time.perf_counter()
+        results = await self.screener.screen.remote(prompts)
+        elapsed = 1e3 * (time.perf_counter() - started)
+        return {"results": [r | {"timings_ms": {"screen_ms": elapsed}} for r in results]}
 
     async def _check(self, request: Request) -> dict[str, Any]:
         kind = rules.check_image_type(request.headers.get("content-type"), multipart_ok=True)
@@ -167,7 +214,7 @@ class CheckIngress:
 
     async def _check_images(self, images: list[bytes], captions: list[str | None], k: int) -> list[dict[str, Any]]:
         clock = [time.perf_counter()]
-        embedded: list[Embedded] = list(await asyncio.gather(*(self.embedder.embed.remote(i) for i in images)))
+        embedded: list[Embedded] = await self.embedder.embed.remote(images)
         clock.append(time.perf_counter())
         queries = embedded_queries(embedded)
         if queries is None:
@@ -184,10 +231,13 @@ class CheckIngress:
         return results
 
 
-def service_settings(reference: str, cfg: AuditConfig, token: str | None, max_body_mb: float) -> dict[str, Any]:
+def service_settings(reference: str, cfg: AuditConfig, token: str | None, max_body_mb: float,
+                     screen_baseline: int | None = None) -> dict[str, Any]:
     """Everything the ingress needs, prepared once by the driver: the reference on this machine
     (a built-in one built on first use), the thresholds the audit would apply against it (its
-    calibration, measured when missing), the index manifest's numbers, the token's digest."""
+    calibration, measured when missing), the index manifest's numbers, the token's digest; with
+    ``screen_baseline``, the prompt screen's config and baseline prompts (checked here, so a
+    screen the model cannot run is refused before anything starts)."""
     from audit.embed.models import model_id_of
     from audit.pipeline.audit import check_reference
     from audit.pipeline.reference import audit_thresholds, prepare_reference
@@ -207,34 +257,69 @@ def service_settings(reference: str, cfg: AuditConfig, token: str | None, max_bo
         "counts": {"vectors": int(manifest["count"]), "files": len(manifest["files"]),
                    "excluded": int(manifest.get("excluded", 0))},
         "max_body_bytes": int(max_body_mb * 2**20), "max_image_pixels": cfg.embedding.max_image_pixels,
+        "screen": None if screen_baseline is None else _screen_settings(cfg, screen_baseline),
     }
 
 
+def _screen_settings(cfg: AuditConfig, baseline_size: int) -> dict[str, Any]:
+    screened, baseline = prepare_screen(cfg, baseline_size)
+    assert screened.screen is not None
+    return {"model": str(screened.model.path), "seeds": screened.screen.seeds, "steps": screened.screen.steps,
+            "threshold": screened.screen.threshold, "baseline_prompts": len(baseline),
+            "config": screened.model_dump(mode="json"), "baseline": baseline}
+
+
 def build_app(settings: dict[str, Any], shard_group_count: int = 1, embedder_replicas: int = 1,
-              embedder_gpus: float = 0.0, embedder_cpus: float = 1.0) -> Any:
-    """The application: ingress over an embedder and ``shard_group_count`` index-shard groups."""
+              embedder_gpus: float = 0.0, embedder_cpus: float = 1.0, screener_gpus: float = 0.0,
+              ingress_replicas: int = 1) -> Any:
+    """The application: ingress over an embedder and ``shard_group_count`` index-shard groups,
+    and a screener when the settings have a screen. Pixel verification runs in the ingress, so
+    ``ingress_replicas`` is what spreads it over more cores (docs/serving.md, "Throughput")."""
+    from audit.generate.loading import resolve_numerics
+
     device = "cuda" if embedder_gpus > 0 else "cpu"
     embedder = Embedder.options(num_replicas=embedder_replicas, max_ongoing_requests=64,
                                 ray_actor_options={"num_cpus": embedder_cpus, "num_gpus": embedder_gpus}).bind(
         settings["embedding"], device)
     groups = shard_groups(Path(settings["reference"]), shard_group_count)
-    shards = [IndexShards.options(name=f"index-{i}", ray_actor_options={"num_cpus": 0.25}).bind(settings["reference"], g)
-              for i, g in enumerate(groups)]
-    return CheckIngress.options(max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.5}).bind(
-        embedder, shards, settings)
+    shards = [IndexShards.options(name=f"index-{i}", max_ongoing_requests=64, ray_actor_options={
+        "num_cpus": INDEX_CPUS}).bind(settings["reference"], g) for i, g in enumerate(groups)]
+    screener = None
+    if settings["screen"] is not None:
+        config = AuditConfig.model_validate(settings["screen"]["config"])
+        screen_device, dtype = resolve_numerics(config.model, has_cuda=screener_gpus > 0)
+        screener = Screener.options(max_ongoing_requests=32, ray_actor_options={
+            "num_cpus": SCREENER_CPUS, "num_gpus": screener_gpus}).bind(
+            settings["screen"]["config"], settings["screen"]["baseline"], screen_device, dtype)
+    return CheckIngress.options(num_replicas=ingress_replicas, max_ongoing_requests=128,
+                                ray_actor_options={"num_cpus": INGRESS_CPUS}).bind(
+        embedder, shards, settings, screener)
+
+
+def logical_cpus(shard_group_count: int = 1, embedder_replicas: int = 1, embedder_cpus: float = 1.0,
+                 ingress_replicas: int = 1, screen: bool = False) -> int:
+    """The logical CPUs :func:`build_app`'s replicas reserve, rounded up: a private local Ray gets
+    at least these, so the application is placed on a machine with fewer cores (where the replicas
+    share them) instead of waiting for CPUs that never come."""
+    return math.ceil(embedder_replicas * embedder_cpus + ingress_replicas * INGRESS_CPUS
+                     + shard_group_count * INDEX_CPUS + (SCREENER_CPUS if screen else 0.0))
 
 
 def app_builder(args: dict[str, str]) -> Any:
     """For ``serve run audit.pipeline.serve_app:app_builder reference=REF [config=FILE]
-    [token_env=NAME] [shard_groups=N] [embedder_replicas=N] [embedder_gpus=F] [max_body_mb=F]``
-    and a RayService's ``import_path``."""
+    [token_env=NAME] [shard_groups=N] [embedder_replicas=N] [embedder_gpus=F] [ingress_replicas=N]
+    [max_body_mb=F] [screen_baseline=N] [screener_gpus=F]`` and a RayService's ``import_path``
+    (``screen_baseline`` turns the prompt screen on)."""
     import os
 
     cfg = load_config(args.get("config"))
     token = os.environ.get(args["token_env"]) if args.get("token_env") else None
-    settings = service_settings(args["reference"], cfg, token, float(args.get("max_body_mb", rules.MAX_BODY_BYTES / 2**20)))
+    baseline = int(args["screen_baseline"]) if args.get("screen_baseline") else None
+    settings = service_settings(args["reference"], cfg, token, float(args.get("max_body_mb", rules.MAX_BODY_BYTES / 2**20)),
+                                baseline)
     return build_app(settings, int(args.get("shard_groups", 1)), int(args.get("embedder_replicas", 1)),
-                     float(args.get("embedder_gpus", 0)))
+                     float(args.get("embedder_gpus", 0)), screener_gpus=float(args.get("screener_gpus", 0)),
+                     ingress_replicas=int(args.get("ingress_replicas", 1)))
 
 
 def start(settings: dict[str, Any], host: str, port: int, **options: Any) -> None:

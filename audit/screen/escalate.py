@@ -30,10 +30,13 @@ MIN_PROMPTS = 8  # fewer screened prompts than this give no usable median/MAD: e
 REASON_THRESHOLD, REASON_TOP, REASON_UNMEASURED, REASON_FEW = "threshold", "top", "screen error", "too few prompts"
 
 
-def robust_z(values: np.ndarray) -> np.ndarray:
-    """(x − median) / (1.4826 · MAD) over the finite values; NaN stays NaN. A zero MAD (more than
-    half the values equal) falls back to the mean absolute deviation, then to 1."""
-    finite = values[np.isfinite(values)]
+def robust_z(values: np.ndarray, against: np.ndarray | None = None) -> np.ndarray:
+    """(x − median) / (1.4826 · MAD), the median and MAD taken over the finite values of
+    ``against`` (default: ``values`` themselves; the check service scores one prompt against a
+    baseline of screened prompts); NaN stays NaN. A zero MAD (more than half the values equal)
+    falls back to the mean absolute deviation, then to 1."""
+    basis = values if against is None else against
+    finite = basis[np.isfinite(basis)]
     if finite.size == 0:
         return np.full_like(values, np.nan, dtype=np.float64)
     median = float(np.median(finite))
@@ -48,15 +51,19 @@ def _log(values: np.ndarray) -> np.ndarray:
         return np.where(values > 0, np.log(values.astype(np.float64)), np.nan)
 
 
-def screen_scores(noise_magnitude: np.ndarray, alignment: np.ndarray,
-                  latent_update: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+def screen_scores(noise_magnitude: np.ndarray, alignment: np.ndarray, latent_update: np.ndarray | None = None,
+                  against: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None) -> tuple[np.ndarray, ...]:
     """(screen_score, z of the log noise magnitude, z of the alignment, z of the log latent update),
     NaN where unmeasured. The latent update joins the mean only when it was measured
-    (``screen.steps`` > 1); its z is all NaN otherwise."""
-    z_noise, z_align = robust_z(_log(noise_magnitude)), robust_z(alignment.astype(np.float64))
-    if latent_update is None or not np.isfinite(latent_update).any():
+    (``screen.steps`` > 1); its z is all NaN otherwise. ``against``: the (noise magnitude,
+    alignment, latent update) of other screened prompts whose median and MAD set the scale
+    (default: these prompts' own)."""
+    noise_b, align_b, update_b = against if against is not None else (noise_magnitude, alignment, latent_update)
+    z_noise = robust_z(_log(noise_magnitude), _log(noise_b))
+    z_align = robust_z(alignment.astype(np.float64), align_b.astype(np.float64))
+    if latent_update is None or update_b is None or not np.isfinite(latent_update).any():
         return (z_noise + z_align) / 2.0, z_noise, z_align, np.full(len(z_noise), np.nan)
-    z_update = robust_z(_log(latent_update))
+    z_update = robust_z(_log(latent_update), _log(update_b))
     return (z_noise + z_align + z_update) / 3.0, z_noise, z_align, z_update
 
 

@@ -73,7 +73,7 @@ class ScreenStage:
                 "error": np.array([None] * n, dtype=object)}
 
 
-def _per_prompt(order: list[str], seeds: int, parts: list[Batch]) -> dict[str, list[Any]]:
+def per_prompt(order: list[str], seeds: int, parts: list[Batch]) -> dict[str, list[Any]]:
     """Rows of the screen/ table: each prompt's per-seed values and their means."""
     pids = np.concatenate([p["prompt_id"] for p in parts])
     noise = np.concatenate([p["noise_magnitude"] for p in parts])
@@ -111,7 +111,7 @@ def screen_shard(stage: ScreenStage, store: RunStore, cfg: AuditConfig, shard: S
     # (StepReport.busy_s, the progress rate and benchmarks read the busy window from the markers)
     with store.open_shard(TABLE, shard.name, SCREEN) as writer:
         run_batches(stage, rows, parts.append, cfg.compute.batch_size)
-        writer.write(_per_prompt(list(shard.prompt_ids), seeds, parts))
+        writer.write(per_prompt(list(shard.prompt_ids), seeds, parts))
         return writer.commit(**extra, denoiser_calls=stage.denoiser_calls - before)
 
 
@@ -132,4 +132,4 @@ class ScreenStep:
                             batch_size=self.cfg.compute.batch_size)
 
 
-__all__ = ["TABLE", "ScreenStage", "ScreenStep", "screen_shard"]
+__all__ = ["TABLE", "ScreenStage", "ScreenStep", "per_prompt", "screen_shard"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,9 @@ MULTIPART = "multipart/form-data"
 MAX_BODY_BYTES = 20 * 2**20  # one request's body; --max-body-mb
 MAX_BATCH = 64  # images in one request
 MAX_K = 100  # candidates returned per image
+MAX_PROMPTS = 16  # prompts in one screen request
+MAX_PROMPT_CHARS = 4096  # the text encoders take far fewer tokens; longer is a mistake, not a prompt
+JSON = "application/json"
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,33 @@ def check_batch(images: list[bytes], captions: list[str], limit: int = MAX_BATCH
         raise Refusal(400, "captions_mismatch", f"{len(captions)} 'caption' fields for {len(images)} images; send "
                                                 "one per image, in order, or none")
     return list(captions) if captions else [None] * len(images)
+
+
+def screen_prompts(content_type: str | None, body: bytes) -> list[str]:
+    """The prompts of a screen request: a JSON object ``{"prompt": "..."}`` or ``{"prompts": [...]}``
+    (at most :data:`MAX_PROMPTS`, each a non-blank string of at most :data:`MAX_PROMPT_CHARS`)."""
+    if media_type(content_type) != JSON:
+        raise Refusal(415, "unsupported_media_type", f"Content-Type {media_type(content_type) or '(none)'} is not "
+                                                     f"accepted; send {JSON}: {{\"prompt\": \"...\"}}")
+    try:
+        request = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Refusal(400, "bad_json", f"the body is not JSON ({exc}); send {{\"prompt\": \"...\"}}") from None
+    if not isinstance(request, dict) or ("prompt" in request) == ("prompts" in request):
+        raise Refusal(400, "no_prompt", 'send a JSON object with "prompt" (a string) or "prompts" (a list of strings)')
+    prompts = [request["prompt"]] if "prompt" in request else request["prompts"]
+    if not isinstance(prompts, list) or not prompts:
+        raise Refusal(400, "no_prompt", '"prompts" must be a non-empty list of strings')
+    if len(prompts) > MAX_PROMPTS:
+        raise Refusal(413, "batch_too_large", f"{len(prompts)} prompts; at most {MAX_PROMPTS} per request")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise Refusal(400, "bad_prompt", f"prompt {i} is {type(prompt).__name__} {str(prompt)[:40]!r}; every "
+                                             "prompt must be a non-blank string")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise Refusal(413, "prompt_too_long", f"prompt {i} has {len(prompt)} characters; at most "
+                                                  f"{MAX_PROMPT_CHARS}")
+    return prompts
 
 
 def check_k(value: str | None, default: int) -> int:
