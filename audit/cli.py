@@ -319,20 +319,16 @@ def _flagged(run_path: Path) -> tuple[int, int]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from audit.report.query import complete_files
     from audit.store import RunStore
 
-    store = RunStore(run_path)
-    folder = store.table_dir(layout.PROMPT_SCORES)
-    names = sorted(p.stem for p in folder.glob("*.parquet")) if folder.is_dir() else []
-
-    def count(name: str) -> tuple[int, int]:
-        if not store.is_complete(layout.PROMPT_SCORES, name):
-            return 0, 0
-        flags = pq.read_table(store.shard_path(layout.PROMPT_SCORES, name), columns=["flagged"]).column(0)
+    def count(path: Path) -> tuple[int, int]:
+        flags = pq.read_table(path, columns=["flagged"]).column(0)
         return int(pc.sum(pc.fill_null(flags, False)).as_py() or 0), len(flags)
 
-    with ThreadPoolExecutor(4) as pool:
-        counts = list(pool.map(count, names))
+    files, _ = complete_files(RunStore(run_path), layout.PROMPT_SCORES)
+    with ThreadPoolExecutor(4) as pool:  # Parquet reads release the GIL
+        counts = list(pool.map(count, files))
     return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 

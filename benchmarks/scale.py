@@ -156,7 +156,7 @@ def one_size(work: Path, n_samples: int) -> dict[str, Any]:
     for step, timed in steps.items():
         warm(run)
         found[step] = timed()
-    for step in ("verify", "report", "compare", "noop_run", "floor_verify", "hash_files", "floor_report"):
+    for step in steps:
         found[step]["output"] = found[step]["output"].strip().splitlines()[-4:]
     cells = notebook(Path(config).parent / "runs")
     found["notebook"] = sorted(cells, key=lambda c: -c["seconds"])[:3]

@@ -79,8 +79,11 @@ class ReferenceImages:
         """The metadata ``url`` of each global row (None where the folder records none)."""
         unique = np.unique(np.asarray(rows)[np.asarray(rows) >= 0])
         positions, local = self.locator.locate(unique)
-        return {row: (self._metadata(position).get("url") or [None] * (i + 1))[i]
-                for row, position, i in zip(unique.tolist(), positions.tolist(), local.tolist())}
+        out: dict[int, str | None] = {}
+        for row, position, i in zip(unique.tolist(), positions.tolist(), local.tolist()):
+            meta = self._metadata(position)
+            out[row] = meta["url"][i] if "url" in meta else None
+        return out
 
     def get(self, rows: np.ndarray) -> dict[int, tuple[str | None, str | None, bytes | None]]:
         out: dict[int, tuple[str | None, str | None, bytes | None]] = {}
